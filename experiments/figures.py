@@ -1,0 +1,64 @@
+"""Figures a run writes: captioned sample grids, denoising strips, loss curves."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+from mmdit_core.data.images import to_uint8  # noqa: E402
+
+TILE = 128  # pixels per image in a figure, whatever the training resolution
+
+
+def _tiles(images: torch.Tensor) -> list[Image.Image]:
+    return [Image.fromarray(a).resize((TILE, TILE), Image.Resampling.NEAREST) for a in to_uint8(images)]
+
+
+def sample_grid(images: torch.Tensor, captions: list[str], cols: int = 4) -> Image.Image:
+    """(B, 3, H, W) in [-1, 1] -> one image: each sample above its caption."""
+    font = ImageFont.load_default()
+    lines = [textwrap.wrap(c, width=22)[:6] for c in captions]
+    text_h = 11 * max(len(ls) for ls in lines) + 6
+    rows = -(-len(captions) // cols)
+    grid = Image.new("RGB", (cols * (TILE + 8) + 8, rows * (TILE + text_h + 8) + 8), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (tile, caption_lines) in enumerate(zip(_tiles(images), lines)):
+        x, y = 8 + (i % cols) * (TILE + 8), 8 + (i // cols) * (TILE + text_h + 8)
+        grid.paste(tile, (x, y))
+        for j, line in enumerate(caption_lines):
+            draw.text((x, y + TILE + 3 + 11 * j), line, fill="black", font=font)
+    return grid
+
+
+def trajectory_strip(trajectory: torch.Tensor, frames: int = 8) -> Image.Image:
+    """(T, 3, H, W) states from noise (t=1) to data (t=0) -> `frames` evenly spaced tiles in a row."""
+    picks = torch.linspace(0, trajectory.shape[0] - 1, frames).round().long()
+    strip = Image.new("RGB", (frames * TILE, TILE))
+    for i, tile in enumerate(_tiles(trajectory[picks])):
+        strip.paste(tile, (i * TILE, 0))
+    return strip
+
+
+def loss_curve(steps: list[int], losses: list[float], path: str | Path, val: dict[float, float] | None = None) -> None:
+    """Training loss (raw and smoothed) against step; with `val`, a second panel of loss against t."""
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10 if val else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(steps, losses, alpha=0.3, label="train loss")
+    window = max(1, len(losses) // 20)
+    smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist() if len(losses) >= window else losses
+    ax.plot(steps[window - 1:], smooth, label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="loss", yscale="log")
+    ax.legend()
+    if val:
+        axes[0, 1].plot(list(val), list(val.values()), marker="o")
+        axes[0, 1].set(xlabel="t (0 data, 1 noise)", ylabel="validation loss", title="final validation loss by t")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

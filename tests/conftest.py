@@ -1,0 +1,33 @@
+import os
+
+# Offline, quiet, local-only: the test environment the project promises.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mmdit_core.config import ModelConfig  # noqa: E402
+from mmdit_core.flow import Conditioning  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    fields = dict(width=32, depth=2, num_heads=2, patch_size=2, input_size=8, in_channels=4, text_dim=16, pooled_dim=16)
+    return ModelConfig(**(fields | overrides))
+
+
+def random_conditioning(batch: int, length: int = 5, dim: int = 16, valid: int | None = None, seed: int = 0) -> Conditioning:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    if valid is not None:
+        mask[:, valid:] = False
+    return Conditioning(torch.randn(batch, length, dim, generator=g), mask, torch.randn(batch, dim, generator=g))
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_model_config

@@ -1,0 +1,133 @@
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import random_conditioning, tiny_model_config
+
+from mmdit_core.flow import RectifiedFlow
+from mmdit_core.config import FlowConfig
+from mmdit_core.model import JointBlock, MMDiT, attention
+
+
+def reference_attention(q, k, v, key_mask=None):
+    """softmax(Q Kᵀ / √d) V with einsum, on (B, S, H, D) inputs -> (B, Sq, H·D)."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    return out.flatten(2)
+
+
+def randomise(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Move every weight off its (partly zero) initialisation so each path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+def test_heads_first_matches_einsum_reference():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 7, 4, 8, generator=g) for _ in range(3))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    for key_mask in (None, mask):
+        torch.testing.assert_close(attention(q, k, v, "heads_first", key_mask), reference_attention(q, k, v, key_mask),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_seq_first_reproduces_the_head_axis_bug():
+    """The bug's signature: an image token's output depends on no other token (image or text)."""
+    outputs = {}
+    for layout in ("heads_first", "seq_first"):
+        torch.manual_seed(0)
+        model = randomise(MMDiT(tiny_model_config(sdpa_layout=layout)))
+        x = torch.randn(1, 4, 8, 8)
+        cond = random_conditioning(1)
+        base = model(x, torch.tensor([0.5]), cond.text, cond.mask, cond.pooled)
+        x_other = x.clone()
+        x_other[..., 6:, 6:] += 1.0  # perturb only the bottom-right patch
+        text_other = cond.text + 1.0  # perturb every text token, pooled vector held fixed
+        outputs[layout] = (
+            (model(x_other, torch.tensor([0.5]), cond.text, cond.mask, cond.pooled) - base)[..., :6, :6].abs().max(),
+            (model(x, torch.tensor([0.5]), text_other, cond.mask, cond.pooled) - base).abs().max())
+    image_dep, text_dep = outputs["seq_first"]
+    assert image_dep == 0 and text_dep == 0
+    image_dep, text_dep = outputs["heads_first"]
+    assert image_dep > 1e-3 and text_dep > 1e-3
+
+
+def test_adaln_zero_blocks_start_as_identity_and_output_is_zero():
+    model = MMDiT(tiny_model_config(depth=3))
+    torch.manual_seed(1)
+    img, ctx, c = torch.randn(2, 16, 32), torch.randn(2, 5, 32), torch.randn(2, 32)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    for block in model.blocks:
+        out_img, out_ctx = block(img, ctx, c, mask, model.positions.rotate)
+        assert torch.equal(out_img, img) and torch.equal(out_ctx, ctx)
+    cond = random_conditioning(2)
+    assert torch.count_nonzero(model(torch.randn(2, 4, 8, 8), torch.rand(2), cond.text, cond.mask, cond.pooled)) == 0
+
+
+# cross + seq_first is refused by the config (test_config): unequal sequences cannot share the bug's view.
+SWITCHES = [combo for combo in itertools.product(["heads_first", "seq_first"], ["learned", "sincos", "rope2d", "none"],
+                                                 ["adaln_zero", "additive"], ["joint", "cross", "adaln_only"],
+                                                 ["none", "layernorm", "rmsnorm"])
+            if not (combo[3] == "cross" and combo[0] == "seq_first")]
+
+
+@pytest.mark.parametrize("layout,pos_emb,time_cond,block,qk_norm", SWITCHES)
+def test_every_switch_combination_runs_forward_and_backward(layout, pos_emb, time_cond, block, qk_norm):
+    for size in (8, 16):
+        cfg = tiny_model_config(input_size=size, sdpa_layout=layout, pos_emb=pos_emb, time_cond=time_cond,
+                                block=block, qk_norm=qk_norm, width=32, num_heads=2)
+        model = randomise(MMDiT(cfg), std=0.05).train()
+        cond = random_conditioning(2, valid=3)
+        x = torch.randn(2, 4, size, size)
+        out = model(x, torch.rand(2), cond.text, cond.mask)
+        assert out.shape == x.shape
+        out.square().mean().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("block", ["joint", "cross"])
+def test_text_padding_is_masked(block):
+    model = randomise(MMDiT(tiny_model_config(block=block)))
+    cond = random_conditioning(2, valid=3)
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    padded = cond.text.clone()
+    padded[:, 3:] = 100.0  # garbage in the padding must not matter
+    torch.testing.assert_close(model(x, t, cond.text, cond.mask), model(x, t, padded, cond.mask))
+
+
+def test_positional_embeddings_tell_patches_apart():
+    """With no position signal a model is equivariant to permuting patches; with any kind it is not."""
+    for pos_emb in ("learned", "sincos", "rope2d", "none"):
+        model = randomise(MMDiT(tiny_model_config(pos_emb=pos_emb, patch_size=4)))
+        cond = random_conditioning(1)
+        x, t = torch.randn(1, 4, 8, 8), torch.tensor([0.3])
+        swapped = torch.cat([x[..., 4:], x[..., :4]], dim=-1)  # swap the left and right patches
+        out, out_swapped = model(x, t, cond.text, cond.mask), model(swapped, t, cond.text, cond.mask)
+        equivariant = torch.allclose(torch.cat([out[..., 4:], out[..., :4]], dim=-1), out_swapped, atol=1e-5)
+        assert equivariant == (pos_emb == "none"), pos_emb
+
+
+def test_tiny_model_overfits_eight_fixed_latents():
+    torch.manual_seed(0)
+    model = MMDiT(tiny_model_config(width=64, num_heads=4))
+    flow = RectifiedFlow(FlowConfig(prediction="velocity"))
+    x0, noise = torch.randn(8, 4, 8, 8), torch.randn(8, 4, 8, 8)
+    t = torch.linspace(0.1, 0.9, 8)
+    cond = random_conditioning(8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(300):
+        loss = flow.per_sample_loss(model, x0, noise, t, cond).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
