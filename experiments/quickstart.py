@@ -8,7 +8,6 @@ DIR/loss.png and DIR/checkpoint/. No Ray, no MLflow: `experiments.train` is the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -17,32 +16,23 @@ import torch
 from tqdm import tqdm
 
 from mmdit_core.checkpoint import save_checkpoint
-from mmdit_core.config import ConfigError, load_config
 from mmdit_core.data.scenes import render_split
 from mmdit_core.flow import RectifiedFlow, generate
 from mmdit_core.model import MMDiT
 from mmdit_core.text import TextEncoder
 from mmdit_core.trainer import Trainer
 
+from .cli import config_parser, resolve_config
 from .figures import loss_curve, sample_grid, trajectory_strip
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quickstart.yaml"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", default="outputs/quickstart")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        raise SystemExit(str(exc)) from None
+    parser = config_parser(__doc__, str(DEFAULT_CONFIG))
+    parser.add_argument("--out", default="outputs/quickstart")
+    args = parser.parse_args(argv)
+    cfg = resolve_config(args)
     if cfg.autoencoder.kind != "identity":
         raise SystemExit("the quickstart trains in pixel space: set autoencoder.kind=identity")
     out = Path(args.out)

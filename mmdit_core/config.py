@@ -106,7 +106,13 @@ class SampleConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["scenes"] = "scenes"
+    source: Literal["scenes", "fashion_mnist", "folder", "emoji"] = "scenes"
+    import_path: str | None = Field(None, description="input of an importer (idx folder, image folder or CSV/JSONL, font)")
+    root: str = Field("data/scenes", description="dataset directory: shards + manifest.json")
+    samples_per_shard: int = Field(1000, ge=1)
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes per training rank")
+    shuffle_buffer: int = Field(1000, ge=0)
+    latent_cache: str | None = Field(None, description="directory of pre-encoded latent + text shards to train from")
     image_size: int = Field(32, ge=4)
     channels: int = Field(3, ge=1)
     min_objects: int = Field(1, ge=1)
@@ -125,16 +131,23 @@ class DataConfig(Section):
 
 class AutoencoderConfig(Section):
     kind: Literal["identity", "trained", "pretrained"] = "identity"
-    path: str | None = Field(None, description="hub id or local directory (pretrained), or output directory (trained)")
+    path: str = Field("data/autoencoder", description="hub id or local directory; `trained` writes and reads here")
+    subfolder: str | None = Field(None, description="e.g. `vae` inside a full pipeline repository")
     latent_channels: int = Field(4, ge=1)
     factor: int = Field(4, ge=1, description="spatial downsampling of the encoder")
-    scale: float = Field(1.0, gt=0, description="latents are (z - shift) * scale before the MMDiT")
-    shift: float = 0.0
+    # Shape and training of the `trained` kind (experiments.train_autoencoder).
+    block_out_channels: list[int] = Field(default_factory=lambda: [16, 32, 32])
+    layers_per_block: int = Field(1, ge=1)
+    kl_weight: float = Field(1e-6, ge=0)
+    train_steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
 
     @model_validator(mode="after")
-    def _check_kind(self) -> AutoencoderConfig:
-        if self.kind == "pretrained" and not self.path:
-            raise ValueError("autoencoder.path is required when autoencoder.kind=pretrained")
+    def _check_shape(self) -> AutoencoderConfig:
+        if self.kind == "trained" and 2 ** (len(self.block_out_channels) - 1) != self.factor:
+            raise ValueError(f"autoencoder.factor={self.factor} needs {self.factor.bit_length()} entries in "
+                             f"autoencoder.block_out_channels (each after the first halves the size), got {self.block_out_channels}")
         return self
 
 
@@ -143,6 +156,7 @@ class TextConfig(Section):
     max_length: int = Field(32, ge=2)
     dim: int = Field(384, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    cache_dir: str | None = Field("data/text_cache", description="on-disk caption-embedding cache; null disables it")
 
 
 class TrainConfig(Section):

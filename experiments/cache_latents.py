@@ -1,0 +1,36 @@
+"""Pre-encode the train shards into the latent cache so training reads tensors only.
+
+    python -m experiments.cache_latents --config C [--set data.latent_cache=DIR]
+
+Runs the frozen autoencoder and text encoder once over the train split and writes latent + text
+embedding shards to `data.latent_cache`, keyed by the data, the autoencoder and the text encoder.
+"""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+from mmdit_core.autoencoder import Autoencoder
+from mmdit_core.data.latents import write_latent_cache
+from mmdit_core.data.shards import SkipCounts, make_loader, read_manifest, split_shards
+from mmdit_core.text import TextEncoder
+
+from .cli import config_parser, resolve_config
+
+
+def main(argv=None) -> dict:
+    cfg = resolve_config(config_parser(__doc__).parse_args(argv))
+    if not cfg.data.latent_cache:
+        raise SystemExit("error: set data.latent_cache to the directory the cache should go to")
+    counts = SkipCounts()
+    loader = make_loader(split_shards(cfg.data.root, "train"), 64, num_workers=cfg.data.num_workers, counts=counts)
+    total = read_manifest(cfg.data.root)["splits"]["train"]["samples"]
+    batches = tqdm(loader, total=-(-total // 64), desc="encoding", unit="batch")
+    manifest = write_latent_cache(cfg, cfg.data.latent_cache, batches, Autoencoder.load(cfg.autoencoder), TextEncoder(cfg.text))
+    print(f"latent cache {cfg.data.latent_cache}: {manifest['splits']['train']['samples']} samples, "
+          f"key {manifest['source']['cache_key']}; {counts.report()}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

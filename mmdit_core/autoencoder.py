@@ -1,0 +1,103 @@
+"""The frozen latent autoencoder: a diffusers AutoencoderKL, or the identity (pixel space).
+
+`autoencoder.kind`: `identity` (the MMDiT sees pixels), `trained` (a small AutoencoderKL trained
+here by `experiments.train_autoencoder` and saved to `autoencoder.path`) or `pretrained` (any
+AutoencoderKL by hub id or local path, e.g. an SD VAE). Latents are normalised as in SD3,
+z' = (z - shift_factor) · scaling_factor, with both numbers read from the VAE's own config
+(the trained one stores values computed from its data). Encoding takes the posterior mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from .config import AutoencoderConfig
+
+
+def build_vae(cfg: AutoencoderConfig) -> AutoencoderKL:
+    """A fresh AutoencoderKL shaped by the config (the `trained` kind before training)."""
+    depth = len(cfg.block_out_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+                         block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+                         down_block_types=("DownEncoderBlock2D",) * depth, up_block_types=("UpDecoderBlock2D",) * depth,
+                         norm_num_groups=min(32, min(cfg.block_out_channels)), scaling_factor=1.0, shift_factor=0.0)
+
+
+def vae_loss(vae: AutoencoderKL, pixels: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction MSE + kl_weight · KL(posterior ‖ N(0, I)), per element."""
+    posterior = vae.encode(pixels).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    mse = F.mse_loss(recon, pixels)
+    kl = posterior.kl().mean() / posterior.mean[0].numel()
+    return mse + kl_weight * kl, {"mse": mse.item(), "kl": kl.item()}
+
+
+@torch.no_grad()
+def latent_stats(vae: AutoencoderKL, batches) -> tuple[float, float]:
+    """(shift, scale) that give the posterior means zero mean and unit variance over `batches`."""
+    means = torch.cat([vae.encode(b).latent_dist.mean.flatten() for b in batches])
+    return means.mean().item(), 1.0 / means.std().item()
+
+
+def identity_key(cfg: AutoencoderConfig) -> str:
+    """Identifies the autoencoder's weights, for cache keys: a hash of its files, or its hub id."""
+    if cfg.kind == "identity":
+        return "identity"
+    path = Path(cfg.path) / (cfg.subfolder or "")
+    if not path.is_dir():
+        return f"hub:{cfg.path}/{cfg.subfolder or ''}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class Autoencoder(nn.Module):
+    """Frozen encode (pixels in [-1, 1] -> normalised latents) and decode (the way back)."""
+
+    def __init__(self, cfg: AutoencoderConfig, vae: AutoencoderKL | None = None):
+        super().__init__()
+        self.cfg, self.vae = cfg, vae
+        if vae is not None:
+            vae.eval().requires_grad_(False)
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            if vae.config.latent_channels != cfg.latent_channels:
+                raise ValueError(f"autoencoder.latent_channels={cfg.latent_channels} but the VAE at {cfg.path} "
+                                 f"has {vae.config.latent_channels}")
+            if factor != cfg.factor:
+                raise ValueError(f"autoencoder.factor={cfg.factor} but the VAE at {cfg.path} downsamples by {factor}")
+
+    @classmethod
+    def load(cls, cfg: AutoencoderConfig) -> Autoencoder:
+        if cfg.kind == "identity":
+            return cls(cfg)
+        if cfg.kind == "trained" and not Path(cfg.path).is_dir():
+            raise FileNotFoundError(f"autoencoder.path={cfg.path} holds no trained autoencoder: "
+                                    "run python -m experiments.train_autoencoder first")
+        return cls(cfg, AutoencoderKL.from_pretrained(cfg.path, subfolder=cfg.subfolder))
+
+    @property
+    def shift(self) -> float:
+        return float(self.vae.config.shift_factor or 0.0)
+
+    @property
+    def scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, C, H/f, W/f)
+        if self.vae is None:
+            return pixels
+        return (self.vae.encode(pixels).latent_dist.mean - self.shift) * self.scale
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, 3, h·f, w·f)
+        """Differentiable (loss_space=image backpropagates through it); the weights stay frozen."""
+        if self.vae is None:
+            return latents
+        return self.vae.decode(latents / self.scale + self.shift).sample

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from mmdit_core.autoencoder import Autoencoder, build_vae, identity_key, vae_loss
+from mmdit_core.config import AutoencoderConfig, TextConfig, build_config
+from mmdit_core.data.latents import StaleCacheError, cache_components, check_latent_cache, decode_latent_sample, write_latent_cache
+from mmdit_core.data.scenes import make_scene, render
+from mmdit_core.data.images import to_tensor
+from mmdit_core.data.shards import ShardStream, encode_sample, make_loader, read_manifest, split_shards, write_dataset
+from mmdit_core.text import TextEncoder
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    return TextEncoder(TextConfig(cache_dir=str(tmp_path_factory.mktemp("text_cache"))))
+
+
+def test_text_encoder_shapes_mask_and_pooling(encoder):
+    cond = encoder.encode(["a small red circle in the center", "a large blue square on the left and a cyan cross"])
+    assert cond.text.shape == (2, 32, 384) and cond.mask.shape == (2, 32) and cond.pooled.shape == (2, 384)
+    assert cond.mask[0].sum() < cond.mask[1].sum() and cond.mask[:, 0].all()
+    assert not cond.text[0][~cond.mask[0]].any()  # padding states are zeroed
+    expected = cond.text[0][cond.mask[0]].mean(0)
+    torch.testing.assert_close(cond.pooled[0], expected)
+    assert encoder.null().mask.sum() == 2  # [CLS] [SEP]
+
+
+def test_text_cache_hits_in_memory_and_on_disk(encoder):
+    captions = ["a yellow triangle at the top", "a purple cross at the bottom"]
+    first = encoder.encode(captions)
+    misses = encoder.misses
+    again = encoder.encode(captions * 2)
+    assert encoder.misses == misses and torch.equal(again.text[:2], first.text)
+    fresh = TextEncoder(encoder.cfg)  # same cache directory: nothing is re-encoded
+    from_disk = fresh.encode(captions)
+    assert fresh.misses == 0 and fresh.hits == 2
+    assert torch.equal(from_disk.text, first.text) and torch.equal(from_disk.mask, first.mask)
+    torch.testing.assert_close(from_disk.pooled, first.pooled, rtol=0, atol=0)
+
+
+def test_text_dim_mismatch_is_named():
+    with pytest.raises(ValueError, match="text.dim=512"):
+        TextEncoder(TextConfig(dim=512, cache_dir=None))
+
+
+def tiny_ae_config(path, kind="trained") -> AutoencoderConfig:
+    return AutoencoderConfig(kind=kind, path=str(path), latent_channels=4, factor=2, block_out_channels=[8, 8], layers_per_block=1)
+
+
+def test_autoencoder_trains_and_round_trips_through_from_pretrained(tmp_path):
+    cfg = tiny_ae_config(tmp_path / "ae")
+    torch.manual_seed(0)
+    vae = build_vae(cfg)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    pixels = torch.stack([to_tensor(render(make_scene(0, i), 16)) for i in range(8)])
+    losses = []
+    for _ in range(15):
+        loss, parts = vae_loss(vae, pixels, 1e-6)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(parts["mse"])
+    assert losses[-1] < losses[0]
+    vae.register_to_config(shift_factor=0.1, scaling_factor=2.0)
+    vae.save_pretrained(cfg.path)
+    loaded = Autoencoder.load(cfg)
+    assert (loaded.shift, loaded.scale) == (0.1, 2.0)
+    with torch.no_grad():
+        expected = (vae.eval().encode(pixels).latent_dist.mean - 0.1) * 2.0
+    latents = loaded.encode(pixels)
+    assert latents.shape == (8, 4, 8, 8)
+    torch.testing.assert_close(latents, expected)
+    assert loaded.decode(latents).shape == pixels.shape
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_pretrained_autoencoder_by_path_and_shape_checks(tmp_path):
+    """A tiny random AutoencoderKL saved to disk stands in for a hub VAE (nothing downloads here)."""
+    build_vae(tiny_ae_config(tmp_path)).save_pretrained(tmp_path / "vae")
+    ae = Autoencoder.load(tiny_ae_config(tmp_path, kind="pretrained").model_copy(update={"path": str(tmp_path), "subfolder": "vae"}))
+    assert ae.encode(torch.zeros(1, 3, 8, 8)).shape == (1, 4, 4, 4)
+    bad = tiny_ae_config(tmp_path / "vae", kind="pretrained").model_copy(update={"latent_channels": 8})
+    with pytest.raises(ValueError, match="autoencoder.latent_channels=8"):
+        Autoencoder.load(bad)
+    with pytest.raises(FileNotFoundError, match="train_autoencoder"):
+        Autoencoder.load(tiny_ae_config(tmp_path / "nothing"))
+    identity = Autoencoder.load(AutoencoderConfig())
+    x = torch.randn(1, 3, 4, 4)
+    assert identity.encode(x) is x and identity.decode(x) is x
+
+
+def test_latent_cache_round_trip_and_stale_cache_refused(tmp_path, encoder):
+    write_dataset(tmp_path / "ds", {"train": (encode_sample(f"k{i}", render(make_scene(0, i), 16), make_scene(0, i).caption)
+                                              for i in range(6))}, 4, {})
+    build_vae(tiny_ae_config(tmp_path)).save_pretrained(tmp_path / "ae")
+    cfg = build_config({"data": {"root": str(tmp_path / "ds"), "image_size": 16},
+                        "autoencoder": {"kind": "trained", "path": str(tmp_path / "ae"), "factor": 2, "block_out_channels": [8, 8]},
+                        "text": {"cache_dir": encoder.cfg.cache_dir}})
+    autoencoder = Autoencoder.load(cfg.autoencoder)
+    batches = make_loader(split_shards(cfg.data.root, "train"), 4)
+    write_latent_cache(cfg, tmp_path / "cache", batches, autoencoder, encoder)
+    expected = cache_components(cfg, read_manifest(cfg.data.root)["key"], encoder.key)
+    check_latent_cache(tmp_path / "cache", expected)
+    samples = list(ShardStream(split_shards(tmp_path / "cache", "train"), transform=decode_latent_sample(32)))
+    assert [s["key"] for s in samples] == [f"k{i}" for i in range(6)]
+    scene = make_scene(0, 2)
+    pixels = to_tensor(render(scene, 16))[None]
+    torch.testing.assert_close(samples[2]["latent"], autoencoder.encode(pixels)[0])
+    cond = encoder.encode([scene.caption])
+    assert torch.equal(samples[2]["mask"], cond.mask[0]) and torch.equal(samples[2]["text"], cond.text[0])
+
+    build_vae(tiny_ae_config(tmp_path)).save_pretrained(tmp_path / "ae")  # retrained: new weights
+    changed = cache_components(cfg, expected["dataset"], encoder.key)
+    with pytest.raises(StaleCacheError, match="autoencoder"):
+        check_latent_cache(tmp_path / "cache", changed)
+    with pytest.raises(StaleCacheError, match="text_encoder"):
+        check_latent_cache(tmp_path / "cache", {**expected, "text_encoder": "other"})
+    assert identity_key(cfg.autoencoder) != expected["autoencoder"]
