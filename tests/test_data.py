@@ -127,10 +127,11 @@ def test_corrupt_data_is_skipped_counted_and_never_hangs(dataset, tmp_path):
     write_tar(bad, {"b1.png": b"not a png", "b1.txt": b"bad bytes",
                     "b2.png": good["png"], "b2.txt": b"   ",
                     "b3.png": good["png"],
+                    "b4.png": good["png"], "b4.txt": b"fine", "b4.json": b"{not json",
                     "g1.png": good["png"], "g1.txt": good["txt"]})
     (tmp_path / "garbage.tar").write_bytes(b"\x00garbage" * 100)
     counts = SkipCounts()
-    loader = make_loader({**urls, str(bad): 4, str(tmp_path / "garbage.tar"): 1}, 4, num_workers=2, counts=counts)
+    loader = make_loader({**urls, str(bad): 5, str(tmp_path / "garbage.tar"): 1}, 4, num_workers=2, counts=counts)
     keys = [key for batch in loader for key in batch["key"]]
     totals = counts.totals()
     assert "g1" in keys and all(k.startswith("s") or k == "g1" for k in keys)
@@ -138,8 +139,9 @@ def test_corrupt_data_is_skipped_counted_and_never_hangs(dataset, tmp_path):
     # b1's image; b2's blank and b3's missing caption (plus any sample the truncation cut in half);
     # the truncated and the garbage shard.
     read = len([k for k in keys if k.startswith("s")])
-    assert totals["image"] == 1 and totals["caption"] >= 2 and totals["shard"] >= 2
-    assert read + totals["missing"] + (totals["caption"] - 2) == 15  # every lost sample is accounted for
+    assert totals["image"] == 1 and totals["json"] == 1 and totals["caption"] >= 2 and totals["shard"] >= 2
+    # Every promised sample is accounted for: 15 scene samples and the 1 the garbage shard promised.
+    assert read + totals["missing"] + (totals["caption"] - 2) == 15 + 1
     assert "1 undecodable images" in counts.report() and "missing or empty captions" in counts.report()
 
 
