@@ -40,7 +40,8 @@ def side_by_side(originals: torch.Tensor, recons: torch.Tensor, scale: int = 4) 
 def train(cfg) -> dict:
     ae_cfg = cfg.autoencoder
     if ae_cfg.kind != "trained":
-        raise SystemExit(f"autoencoder.kind={ae_cfg.kind}: only the `trained` kind is trained here")
+        raise SystemExit(f"error: autoencoder.kind={ae_cfg.kind}: only the `trained` kind is trained here "
+                         "(--set autoencoder.kind=trained, or --config experiments/configs/scenes.yaml)")
     torch.manual_seed(cfg.train.seed)
     counts = SkipCounts()
     loader = make_loader(split_shards(cfg.data.root, "train"), ae_cfg.batch_size, num_workers=cfg.data.num_workers,

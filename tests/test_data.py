@@ -70,6 +70,11 @@ def test_shard_round_trip(dataset):
         assert torch.equal(sample["image"], to_tensor(render(scene, 16)))
 
 
+def test_streams_from_pipe_urls(dataset):
+    urls = [f"pipe:cat {path}" for path in split_shards(dataset, "train")]
+    assert [s["key"] for s in ShardStream(urls)] == [f"s{i:05d}" for i in range(15)]
+
+
 def test_manifest_key_tracks_content(tmp_path):
     a = write_dataset(tmp_path / "a", {"train": scene_samples(3)}, 5, {})
     b = write_dataset(tmp_path / "b", {"train": scene_samples(3)}, 5, {})
