@@ -1,0 +1,270 @@
+"""Webdataset shards: writing them with a manifest, and streaming them back split by rank and worker.
+
+A sample is `KEY.png` (RGB), `KEY.txt` (caption) and optionally `KEY.json` (attributes). A dataset
+directory holds `train-NNNNNN.tar`, `val-NNNNNN.tar` and `manifest.json` (counts, per-shard sha256,
+the config that made it); its `key` identifies the data for every cache built on it.
+
+Reading never stops on bad data: an unreadable or truncated shard, undecodable image bytes, a
+missing or empty caption, or unreadable attributes skips what it spoils, is counted by kind in
+`SkipCounts`, and is reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.filters import _shuffle
+from webdataset.tariterators import tarfile_samples
+
+from .images import to_tensor
+
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+def encode_sample(key: str, image: Image.Image, caption: str, attributes: dict | None = None) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    sample = {"__key__": key, "png": buffer.getvalue(), "txt": caption.encode()}
+    if attributes is not None:
+        sample["json"] = json.dumps(attributes).encode()
+    return sample
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_split(directory: Path, split: str, samples: Iterable[dict[str, Any]], samples_per_shard: int) -> dict[str, Any]:
+    """Write encoded samples as `{split}-NNNNNN.tar` shards; return the split's manifest entry."""
+    directory.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    # A fixed mtime makes shards byte-reproducible, so equal data gets an equal key.
+    with wds.ShardWriter(str(directory / f"{split}-%06d.tar"), maxcount=samples_per_shard, verbose=0, mtime=0) as writer:
+        for sample in samples:
+            writer.write(sample)
+            name = Path(writer.fname).name
+            counts[name] = counts.get(name, 0) + 1
+    shards = [{"name": name, "samples": n, "sha256": _sha256(directory / name)} for name, n in counts.items()]
+    return {"samples": sum(counts.values()), "shards": shards}
+
+
+def dataset_key(splits: dict[str, Any]) -> str:
+    """16 hex digits over every shard's checksum: names the data in cache keys."""
+    digest = hashlib.sha256()
+    for split in sorted(splits):
+        for shard in splits[split]["shards"]:
+            digest.update(f"{split}/{shard['name']}:{shard['sha256']};".encode())
+    return digest.hexdigest()[:16]
+
+
+def write_dataset(directory: str | Path, splits: dict[str, Iterable[dict[str, Any]]], samples_per_shard: int,
+                  source: dict[str, Any]) -> dict[str, Any]:
+    """Write every split into a temporary sibling, add the manifest, then rename it into place."""
+    directory = Path(directory)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        entries = {split: write_split(tmp, split, samples, samples_per_shard) for split, samples in splits.items()}
+        manifest = {"format": 1, "key": dataset_key(entries), "source": source, "splits": entries}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: prepare the data first (python -m experiments.prepare_data)")
+    return json.loads(path.read_text())
+
+
+def split_shards(directory: str | Path, split: str) -> dict[str, int]:
+    """{shard path: sample count} of a split, in order, from the manifest."""
+    manifest = read_manifest(directory)
+    if split not in manifest["splits"]:
+        raise KeyError(f"{directory} has no {split!r} split (has {sorted(manifest['splits'])})")
+    return {str(Path(directory) / s["name"]): s["samples"] for s in manifest["splits"][split]["shards"]}
+
+
+# ---- skip accounting ----------------------------------------------------------------------------
+
+SKIP_KINDS = ("shard", "missing", "image", "caption", "json")
+MAX_WORKERS = 64
+
+
+class SkipCounts:
+    """Counts of skipped data by kind, in shared memory so DataLoader workers' counts reach the parent.
+
+    Each worker writes only its own row; the parent sums them.
+    """
+
+    def __init__(self):
+        self.table = torch.zeros(MAX_WORKERS + 1, len(SKIP_KINDS), dtype=torch.int64).share_memory_()
+
+    def add(self, kind: str, n: int = 1) -> None:
+        worker = get_worker_info()
+        self.table[0 if worker is None else worker.id + 1, SKIP_KINDS.index(kind)] += n
+
+    def shard_error(self, exn: Exception) -> bool:
+        """webdataset handler for read errors (truncated tar, unreadable file): count, go on."""
+        self.add("shard")
+        return True
+
+    def totals(self) -> dict[str, int]:
+        return dict(zip(SKIP_KINDS, self.table.sum(0).tolist()))
+
+    def report(self) -> str:
+        totals = self.totals()
+        if not any(totals.values()):
+            return "no samples skipped"
+        names = {"shard": "unreadable or short shards", "missing": "samples missing from short shards",
+                 "image": "undecodable images", "caption": "missing or empty captions",
+                 "json": "unreadable attribute files"}
+        return "skipped: " + ", ".join(f"{n} {names[kind]}" for kind, n in totals.items() if n)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+def decode(sample: dict[str, Any], counts: SkipCounts) -> dict[str, Any] | None:
+    """Raw tar sample -> {"key", "image" (3, H, W) in [-1, 1], "caption", "attributes"}, or None (counted)."""
+    caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+    if not caption:
+        counts.add("caption")
+        return None
+    try:
+        with Image.open(io.BytesIO(sample["png"])) as image:
+            tensor = to_tensor(image)
+    except Exception:  # PIL raises many types on bad bytes; any of them spoils only this sample
+        counts.add("image")
+        return None
+    try:
+        attributes = json.loads(sample["json"]) if "json" in sample else None
+    except ValueError:
+        counts.add("json")
+        return None
+    return {"key": sample["__key__"], "image": tensor, "caption": caption, "attributes": attributes,
+            "index": sample["__index__"]}
+
+
+@dataclass
+class Consumer:
+    """Which of `count` readers this is: rank-major, then dataloader worker."""
+
+    index: int
+    count: int
+
+
+def current_consumer(rank: int, world_size: int) -> Consumer:
+    worker = get_worker_info()
+    worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+    return Consumer(rank * workers + worker_id, world_size * workers)
+
+
+class ShardStream(IterableDataset):
+    """Samples from shards, for one rank of `world_size` (and split again by DataLoader worker).
+
+    Finite (resampled=False): each epoch every sample is read exactly once by exactly one consumer.
+    With at least as many shards as consumers, consumers take disjoint shards; with fewer (a small
+    dataset on many ranks and workers), every consumer reads every shard and keeps every count-th
+    sample, so none is left with nothing to read and none waits forever.
+    Resampled (resampled=True): shards drawn with replacement forever, seeded per consumer.
+    Given {url: sample count} (a manifest's), a shard that delivers fewer samples than promised
+    (truncated at a member boundary, which tar itself cannot tell) is counted with what it lost.
+    `skip` drops the first `skip` samples of each consumer's stream (resume); every sample carries
+    `index`, its position in that stream.
+    """
+
+    def __init__(self, urls: list[str] | dict[str, int], *, rank: int = 0, world_size: int = 1, resampled: bool = False,
+                 shuffle: int = 0, seed: int = 0, skip: int = 0, counts: SkipCounts | None = None,
+                 transform: Callable[[dict[str, Any], SkipCounts], dict[str, Any] | None] = decode):
+        if not urls:
+            raise ValueError("no shards to read")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.urls, self.rank, self.world_size = list(urls), rank, world_size
+        self.expected = urls if isinstance(urls, dict) else {}
+        self.resampled, self.shuffle, self.seed, self.skip = resampled, shuffle, seed, skip
+        self.counts = counts if counts is not None else SkipCounts()
+        self.transform = transform
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shards(self, me: Consumer) -> tuple[Iterable[dict[str, str]], Callable[[int], bool]]:
+        """The shards this consumer opens, and which of their samples (by position) it keeps."""
+        if self.resampled:
+            rng = random.Random(f"{self.seed}/{me.index}/{self.epoch}")
+            return ({"url": rng.choice(self.urls)} for _ in itertools.count()), lambda i: True
+        if len(self.urls) >= me.count:
+            return [{"url": u} for u in self.urls[me.index::me.count]], lambda i: True
+        return [{"url": u} for u in self.urls], lambda i: i % me.count == me.index
+
+    def _samples(self, shards: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        """Raw samples shard by shard, checking each shard's count against the manifest's."""
+        for shard in shards:
+            read = 0
+            for sample in tarfile_samples([shard], handler=self.counts.shard_error):
+                read += 1
+                yield sample
+            short = self.expected.get(shard["url"], read) - read
+            if short > 0:
+                self.counts.add("shard")
+                self.counts.add("missing", short)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        me = current_consumer(self.rank, self.world_size)
+        shards, keep = self._shards(me)
+        stream: Iterator[dict[str, Any]] = (s for i, s in enumerate(self._samples(shards)) if keep(i))
+        if self.shuffle > 1:
+            rng = random.Random(f"shuffle/{self.seed}/{me.index}/{self.epoch}")
+            stream = _shuffle(stream, bufsize=self.shuffle, initial=self.shuffle, rng=rng)
+        for index, sample in enumerate(stream):
+            if index < self.skip:
+                continue
+            sample["__index__"] = index
+            out = self.transform(sample, self.counts)
+            if out is not None:
+                yield out
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors (and indices) across samples; keep everything else as lists."""
+    batch: dict[str, Any] = {}
+    for name in samples[0]:
+        values = [s[name] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif name == "index":
+            batch[name] = torch.tensor(values)
+        else:
+            batch[name] = values
+    return batch
+
+
+def make_loader(urls: list[str] | dict[str, int], batch_size: int, *, num_workers: int = 0, drop_last: bool = False,
+                **stream_args: Any) -> torch.utils.data.DataLoader:
+    """A DataLoader of collated batches over a ShardStream (stream_args go to ShardStream)."""
+    stream = ShardStream(urls, **stream_args)
+    return torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                                       drop_last=drop_last, persistent_workers=False)
