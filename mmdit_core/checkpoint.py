@@ -7,17 +7,15 @@
     config.yaml         the resolved config, for people
     manifest.json       size and sha256 of every file, checked before anything is loaded
 
-Everything is written into a temporary sibling directory which is renamed into place at the end,
-so a crash mid-write never leaves a half-written checkpoint under the final name.
+Everything is written into a temporary sibling directory which replaces the checkpoint whole at the
+end (files.atomic_directory), so a crash mid-write never leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ExperimentConfig
 from .ema import EMA
+from .files import atomic_directory, sha256_file
 
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.yaml")
 
@@ -71,14 +70,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---- save / load --------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _cpu_contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
@@ -88,11 +79,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: ExperimentCon
                     scheduler: Any | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint directory atomically (replacing one already at `path`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(path) as tmp:
         config_yaml = config.to_yaml()
         metadata = {"config": config_yaml, "step": str(step)}
         save_file(_cpu_contiguous(model.state_dict()), tmp / "model.safetensors", metadata=metadata)
@@ -104,21 +91,12 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: ExperimentCon
                  "ema_updates": ema.num_updates if ema is not None else None}
         torch.save(state, tmp / "state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
                     for name in FILES if (tmp / name).exists()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         for name in [*manifest, "manifest.json"]:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -138,7 +116,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {size} bytes, expected {expected['bytes']} (truncated?)")
-        if _sha256(file) != expected["sha256"]:
+        if sha256_file(file) != expected["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} fails its sha256 check")
     return manifest
 

@@ -75,6 +75,18 @@ def test_streams_from_pipe_urls(dataset):
     assert [s["key"] for s in ShardStream(urls)] == [f"s{i:05d}" for i in range(15)]
 
 
+def test_failed_write_keeps_the_old_dataset_and_leaves_no_debris(dataset):
+    def broken():
+        yield from scene_samples(3)
+        raise OSError("disk full")
+
+    before = read_manifest(dataset)
+    with pytest.raises(OSError, match="disk full"):
+        write_dataset(dataset, {"train": broken()}, 5, {})
+    assert read_manifest(dataset) == before
+    assert sorted(p.name for p in dataset.parent.iterdir()) == ["ds"]
+
+
 def test_manifest_key_tracks_content(tmp_path):
     a = write_dataset(tmp_path / "a", {"train": scene_samples(3)}, 5, {})
     b = write_dataset(tmp_path / "b", {"train": scene_samples(3)}, 5, {})

@@ -15,9 +15,7 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -29,9 +27,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 from webdataset.tariterators import tarfile_samples
 
+from ..files import atomic_directory, sha256_file
 from .images import to_tensor
 
-SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 
 
@@ -46,10 +44,6 @@ def encode_sample(key: str, image: Image.Image, caption: str, attributes: dict |
     return sample
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_split(directory: Path, split: str, samples: Iterable[dict[str, Any]], samples_per_shard: int) -> dict[str, Any]:
     """Write encoded samples as `{split}-NNNNNN.tar` shards; return the split's manifest entry."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -60,7 +54,7 @@ def write_split(directory: Path, split: str, samples: Iterable[dict[str, Any]], 
             writer.write(sample)
             name = Path(writer.fname).name
             counts[name] = counts.get(name, 0) + 1
-    shards = [{"name": name, "samples": n, "sha256": _sha256(directory / name)} for name, n in counts.items()]
+    shards = [{"name": name, "samples": n, "sha256": sha256_file(directory / name)} for name, n in counts.items()]
     return {"samples": sum(counts.values()), "shards": shards}
 
 
@@ -75,19 +69,11 @@ def dataset_key(splits: dict[str, Any]) -> str:
 
 def write_dataset(directory: str | Path, splits: dict[str, Iterable[dict[str, Any]]], samples_per_shard: int,
                   source: dict[str, Any]) -> dict[str, Any]:
-    """Write every split into a temporary sibling, add the manifest, then rename it into place."""
-    directory = Path(directory)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    """Write every split and the manifest; the directory appears complete or not at all."""
+    with atomic_directory(directory) as tmp:
         entries = {split: write_split(tmp, split, samples, samples_per_shard) for split, samples in splits.items()}
         manifest = {"format": 1, "key": dataset_key(entries), "source": source, "splits": entries}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
