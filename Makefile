@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.2
 
-.PHONY: install demo test clean
+.PHONY: install demo test ui cluster-up cluster-down cluster-demo clean
 
 install: $(STAMP)
 
@@ -19,7 +19,25 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.quickstart --out outputs/quickstart
+	$(PY) -m experiments.demo
+
+# The MLflow UI on this machine only.
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5000
+
+# A one-node Ray cluster on this machine (token auth off), and the demo's training submitted to it as a job.
+cluster-up: $(STAMP)
+	$(PY) -m experiments.cluster up
+
+cluster-down: $(STAMP)
+	$(PY) -m experiments.cluster down
+
+cluster-demo: $(STAMP)
+	$(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+	  python -m experiments.train --config experiments/configs/demo.yaml \
+	  --set data.root=$(CURDIR)/data/scenes --set autoencoder.path=$(CURDIR)/data/autoencoder \
+	  --set data.latent_cache=$(CURDIR)/data/scenes_latents --set text.cache_dir=$(CURDIR)/data/text_cache \
+	  --set train.storage_path=$(CURDIR)/outputs/runs --tracking-uri sqlite:///$(CURDIR)/mlruns.db
 
 test: $(STAMP)
 	$(PY) -m pytest -q

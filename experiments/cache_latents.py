@@ -11,15 +11,26 @@ from __future__ import annotations
 from tqdm import tqdm
 
 from mmdit_core.autoencoder import Autoencoder
-from mmdit_core.data.latents import write_latent_cache
+from mmdit_core.data.latents import StaleCacheError, write_latent_cache
 from mmdit_core.data.shards import SkipCounts, make_loader, read_manifest, split_shards
+from mmdit_core.data.training import latent_cache_shards
 from mmdit_core.text import TextEncoder
 
 from .cli import config_parser, resolve_config
 
 
-def main(argv=None) -> dict:
-    cfg = resolve_config(config_parser(__doc__).parse_args(argv))
+def reuse_or_build(cfg) -> dict:
+    """The cache at data.latent_cache if it was built from this data and these encoders, else a new one."""
+    try:
+        latent_cache_shards(cfg)
+        print(f"reusing the latent cache at {cfg.data.latent_cache}")
+        return read_manifest(cfg.data.latent_cache)
+    except StaleCacheError as exc:
+        print(f"{exc}: rebuilding it")
+        return build(cfg)
+
+
+def build(cfg) -> dict:
     if not cfg.data.latent_cache:
         raise SystemExit("error: set data.latent_cache to the directory the cache should go to")
     counts = SkipCounts()
@@ -30,6 +41,10 @@ def main(argv=None) -> dict:
     print(f"latent cache {cfg.data.latent_cache}: {manifest['splits']['train']['samples']} samples, "
           f"key {manifest['source']['cache_key']}; {counts.report()}")
     return manifest
+
+
+def main(argv=None) -> dict:
+    return build(resolve_config(config_parser(__doc__).parse_args(argv)))
 
 
 if __name__ == "__main__":

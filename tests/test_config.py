@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -89,3 +91,9 @@ def test_load_config_file_name_and_overrides(tmp_path):
     assert cfg.name == "mine" and cfg.train.steps == 10 and cfg.train.lr == 0.01
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "experiments" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem and cfg.model.num_patches > 0

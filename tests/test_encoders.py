@@ -116,3 +116,23 @@ def test_latent_cache_round_trip_and_stale_cache_refused(tmp_path, encoder):
     with pytest.raises(StaleCacheError, match="text_encoder"):
         check_latent_cache(tmp_path / "cache", {**expected, "text_encoder": "other"})
     assert identity_key(cfg.autoencoder) != expected["autoencoder"]
+
+
+@pytest.mark.parametrize("kind", ["clip", "t5"])
+def test_clip_and_t5_checkpoints_load_their_text_tower(tmp_path, encoder, kind):
+    from transformers import CLIPModel, CLIPConfig, T5Config, T5ForConditionalGeneration
+
+    vocab = encoder.tokenizer.vocab_size
+    if kind == "clip":  # a full CLIP (text + vision), as on the hub: only the text tower must load
+        model = CLIPModel(CLIPConfig(text_config={"vocab_size": vocab, "hidden_size": 16, "intermediate_size": 32,
+                                                  "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64},
+                                     vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 16}))
+    else:  # a full T5 (encoder + decoder): only the encoder must load
+        model = T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    model.save_pretrained(tmp_path)
+    encoder.tokenizer.save_pretrained(tmp_path)
+    tiny = TextEncoder(TextConfig(encoder=str(tmp_path), dim=16, max_length=12, cache_dir=None))
+    assert type(tiny.model).__name__ == {"clip": "CLIPTextModel", "t5": "T5EncoderModel"}[kind]
+    cond = tiny.encode(["a red circle", "a blue square on the left"])
+    assert cond.text.shape == (2, 12, 16) and cond.pooled.shape == (2, 16) and torch.isfinite(cond.text).all()

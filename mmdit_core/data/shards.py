@@ -160,10 +160,42 @@ class Consumer:
     count: int
 
 
-def current_consumer(rank: int, world_size: int) -> Consumer:
+def current_consumer(rank: int, world_size: int, first_worker: int = 0) -> tuple[Consumer, int]:
+    """This reader as a global consumer, and its role among the rank's workers.
+
+    DataLoader worker w plays role (w + first_worker) % workers; the loader hands out batches from
+    workers 0, 1, ... in turn, so a resumed loader whose next batch must come from role k starts at k.
+    """
     worker = get_worker_info()
     worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-    return Consumer(rank * workers + worker_id, world_size * workers)
+    role = (worker_id + first_worker) % workers
+    return Consumer(rank * workers + role, world_size * workers), role
+
+
+@dataclass
+class StreamPosition:
+    """Where a rank's reader stands: the next stream index of each loader worker, and whose turn it is.
+
+    Advanced with every batch consumed; a ShardStream built with `stream_args()` continues exactly
+    there (same samples, same order, same shuffle), however many workers the loader has.
+    """
+
+    next_index: list[int]
+    turn: int = 0
+
+    @classmethod
+    def start(cls, num_workers: int) -> StreamPosition:
+        return cls([0] * max(num_workers, 1))
+
+    def advance(self, batch: dict[str, Any]) -> None:
+        self.next_index[self.turn] = int(batch["index"].max()) + 1
+        self.turn = (self.turn + 1) % len(self.next_index)
+
+    def stream_args(self) -> dict[str, Any]:
+        return {"skip": list(self.next_index), "first_worker": self.turn}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"next_index": list(self.next_index), "turn": self.turn}
 
 
 class ShardStream(IterableDataset):
@@ -176,12 +208,13 @@ class ShardStream(IterableDataset):
     Resampled (resampled=True): shards drawn with replacement forever, seeded per consumer.
     Given {url: sample count} (a manifest's), a shard that delivers fewer samples than promised
     (truncated at a member boundary, which tar itself cannot tell) is counted with what it lost.
-    `skip` drops the first `skip` samples of each consumer's stream (resume); every sample carries
-    `index`, its position in that stream.
+    `skip` drops the first `skip` samples of each consumer's stream (resume; a list gives one count per
+    loader-worker role, see StreamPosition); every sample carries `index`, its position in that stream.
     """
 
     def __init__(self, urls: list[str] | dict[str, int], *, rank: int = 0, world_size: int = 1, resampled: bool = False,
-                 shuffle: int = 0, seed: int = 0, skip: int = 0, counts: SkipCounts | None = None,
+                 shuffle: int = 0, seed: int = 0, skip: int | list[int] = 0, first_worker: int = 0,
+                 counts: SkipCounts | None = None,
                  transform: Callable[[dict[str, Any], SkipCounts], dict[str, Any] | None] = decode):
         if not urls:
             raise ValueError("no shards to read")
@@ -189,7 +222,8 @@ class ShardStream(IterableDataset):
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.urls, self.rank, self.world_size = list(urls), rank, world_size
         self.expected = urls if isinstance(urls, dict) else {}
-        self.resampled, self.shuffle, self.seed, self.skip = resampled, shuffle, seed, skip
+        self.resampled, self.shuffle, self.seed = resampled, shuffle, seed
+        self.skip, self.first_worker = skip, first_worker
         self.counts = counts if counts is not None else SkipCounts()
         self.transform = transform
         self.epoch = 0
@@ -219,14 +253,18 @@ class ShardStream(IterableDataset):
                 self.counts.add("missing", short)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        me = current_consumer(self.rank, self.world_size)
+        me, role = current_consumer(self.rank, self.world_size, self.first_worker)
+        if isinstance(self.skip, list) and len(self.skip) != me.count // self.world_size:
+            raise ValueError(f"resume position has {len(self.skip)} loader workers, this loader "
+                             f"{me.count // self.world_size}: resume with the same data.num_workers")
+        skip = self.skip[role] if isinstance(self.skip, list) else self.skip
         shards, keep = self._shards(me)
         stream: Iterator[dict[str, Any]] = (s for i, s in enumerate(self._samples(shards)) if keep(i))
         if self.shuffle > 1:
             rng = random.Random(f"shuffle/{self.seed}/{me.index}/{self.epoch}")
             stream = _shuffle(stream, bufsize=self.shuffle, initial=self.shuffle, rng=rng)
         for index, sample in enumerate(stream):
-            if index < self.skip:
+            if index < skip:
                 continue
             sample["__index__"] = index
             out = self.transform(sample, self.counts)

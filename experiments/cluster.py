@@ -1,0 +1,110 @@
+"""A one-node Ray cluster on this machine, for the `ray job submit` path (`make cluster-up/down`).
+
+    python -m experiments.cluster up [--num-cpus N] [--dashboard-port 8265]
+    python -m experiments.cluster down
+
+`up` runs `ray start --head --block` in its own process group with token auth off (RAY_AUTH_MODE
+=disabled, else a token left by an earlier in-process ray.init() can make `ray job submit` fail),
+waits until the job server answers, and records the head's PID. `down` ends exactly that process
+group: SIGTERM, then SIGKILL for whatever is left after a grace period. Nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+STATE = Path("outputs/ray-cluster/head.json")
+CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def job_server_up(address: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.waitpid(pgid, os.WNOHANG)  # reap the head if this process started it
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def up(*, num_cpus: int, port: int = 6379, dashboard_port: int = 8265, client_port: int = 10001,
+       agent_port: int = 52365, temp_dir: str = "/tmp/ray-mmdit", state: Path = STATE, timeout: float = 120.0) -> dict:
+    """Start the head node; return {"pid", "address" (job server URL), "log"}."""
+    if state.exists() and group_alive(json.loads(state.read_text())["pid"]):
+        info = json.loads(state.read_text())
+        print(f"a cluster started here is already running: {info['address']}")
+        return info
+    state.parent.mkdir(parents=True, exist_ok=True)
+    log = state.with_name("head.log")
+    bin_dir = str(Path(sys.executable).parent)  # the project's environment: `ray`, and `python` for job entrypoints
+    env = {**os.environ, **CLUSTER_ENV, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    command = [f"{bin_dir}/ray", "start", "--head", "--block", f"--num-cpus={num_cpus}", f"--port={port}",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}",
+               f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats",
+               f"--temp-dir={temp_dir}"]
+    with open(log, "w") as out:
+        head = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    info = {"pid": head.pid, "address": f"http://127.0.0.1:{dashboard_port}", "log": str(log)}
+    state.write_text(json.dumps(info))
+    deadline = time.monotonic() + timeout
+    while not job_server_up(info["address"]):
+        if head.poll() is not None or time.monotonic() > deadline:
+            down(state=state)
+            raise RuntimeError(f"the Ray head did not come up (see {log}):\n{log.read_text()[-2000:]}")
+        time.sleep(1)
+    print(f"Ray cluster up: job server {info['address']}, head PID {head.pid}, log {log}")
+    return info
+
+
+def down(*, state: Path = STATE, grace: float = 10.0) -> None:
+    """Stop the process group recorded by `up` (and only that)."""
+    if not state.exists():
+        print("no cluster started here")
+        return
+    pgid = json.loads(state.read_text())["pid"]
+    if group_alive(pgid):
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+            while group_alive(pgid) and time.monotonic() < deadline + grace:
+                time.sleep(0.2)
+    state.unlink()
+    print(f"Ray cluster (process group {pgid}) stopped")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--dashboard-port", type=int, default=8265)
+    args = parser.parse_args(argv)
+    if args.action == "up":
+        up(num_cpus=args.num_cpus, dashboard_port=args.dashboard_port)
+    else:
+        down()
+
+
+if __name__ == "__main__":
+    main()

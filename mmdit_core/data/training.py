@@ -1,0 +1,72 @@
+"""What a training rank reads: an endless, resumable stream of (x0, conditioning) batches.
+
+From the latent cache when `data.latent_cache` is set (tensors only; refused when stale), else from
+the image shards, encoded on the fly by the frozen autoencoder and text encoder. The stream is
+resampled (shards drawn with replacement, seeded per rank and loader worker), so every rank always
+has a next batch, and its StreamPosition makes a restarted reader continue with the same samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+from ..autoencoder import Autoencoder
+from ..config import ExperimentConfig
+from ..flow import Conditioning
+from ..text import TextEncoder, text_key
+from .latents import cache_components, check_latent_cache, decode_latent_sample
+from .shards import SkipCounts, StreamPosition, decode, make_loader, read_manifest, split_shards
+
+
+def latent_cache_shards(cfg: ExperimentConfig) -> dict[str, int]:
+    """The cache's train shards, after checking it was built from this data, autoencoder and text encoder."""
+    expected = cache_components(cfg, read_manifest(cfg.data.root)["key"], text_key(cfg.text))
+    manifest = check_latent_cache(cfg.data.latent_cache, expected)
+    return {f"{cfg.data.latent_cache}/{s['name']}": s["samples"] for s in manifest["splits"]["train"]["shards"]}
+
+
+class TrainingData:
+    """Batches for one rank of `world_size`, in model inputs, continuing from `position`."""
+
+    def __init__(self, cfg: ExperimentConfig, autoencoder: Autoencoder, encoder: TextEncoder, *, rank: int = 0,
+                 world_size: int = 1, position: dict[str, Any] | None = None):
+        self.cfg, self.autoencoder, self.encoder = cfg, autoencoder, encoder
+        self.counts = SkipCounts()
+        self.position = (StreamPosition(**position) if position is not None
+                         else StreamPosition.start(cfg.data.num_workers))
+        if cfg.data.latent_cache:
+            urls = latent_cache_shards(cfg)
+            transform = decode_latent_sample(cfg.text.max_length)
+        else:
+            urls, transform = split_shards(cfg.data.root, "train"), decode
+        self.loader = make_loader(urls, cfg.train.batch_size, num_workers=cfg.data.num_workers, drop_last=True,
+                                  rank=rank, world_size=world_size, resampled=True, shuffle=cfg.data.shuffle_buffer,
+                                  seed=cfg.data.seed, counts=self.counts, transform=transform,
+                                  **self.position.stream_args())
+
+    def model_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Conditioning]:
+        if "latent" in batch:
+            return batch["latent"], Conditioning(batch["text"], batch["mask"], batch["pooled"])
+        return self.autoencoder.encode(batch["image"]), self.encoder.encode(batch["caption"])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Conditioning]]:
+        for batch in self.loader:
+            self.position.advance(batch)
+            yield self.model_inputs(batch)
+
+
+def validation_set(cfg: ExperimentConfig, autoencoder: Autoencoder, encoder: TextEncoder,
+                   limit: int) -> tuple[torch.Tensor, Conditioning, list[str]]:
+    """The first `limit` val samples as model inputs (fixed: comparable across steps and runs)."""
+    images, captions = [], []
+    for batch in make_loader(split_shards(cfg.data.root, "val"), 64, counts=SkipCounts()):
+        images.append(batch["image"])
+        captions += batch["caption"]
+        if len(captions) >= limit:
+            break
+    pixels = torch.cat(images)[:limit]
+    captions = captions[:limit]
+    latents = torch.cat([autoencoder.encode(chunk) for chunk in pixels.split(64)])
+    return latents, encoder.encode(captions), captions

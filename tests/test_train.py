@@ -1,0 +1,121 @@
+"""The Ray Train driver in-process: DDP, fault recovery that matches an uninterrupted run, NaN failure,
+a tracking outage, and a bad config refused before Ray starts."""
+
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from experiments import prepare_data, train
+from experiments.tracking import RUN_KEY_TAG
+from mmdit_core.config import load_config
+
+TINY = Path(__file__).parent / "tiny_train.yaml"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    prepare_data.main(["--config", str(TINY), *settings(root)])
+    return root
+
+
+def settings(root: Path, **extra) -> list[str]:
+    fields = {"data.root": root / "scenes", "text.cache_dir": root / "text", "train.storage_path": root / "runs", **extra}
+    return [arg for key, value in fields.items() for arg in ("--set", f"{key}={value}")]
+
+
+def config(root: Path, **extra):
+    return load_config(TINY, settings(root, **extra)[1::2])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def runs(uri: str, experiment: str, run_name: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_name}'")
+
+
+def losses(summary) -> dict[int, float]:
+    lines = (Path(summary["grid"]).parent.parent / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def test_killed_worker_resumes_and_matches_an_uninterrupted_run(workdir, local_ray):
+    uri = f"sqlite:///{workdir / 'mlruns.db'}"
+    straight = train.fit(config(workdir, **{"train.storage_path": workdir / "straight"}), tracking_uri=uri)
+    cfg = config(workdir)
+    drilled = train.fit(cfg, tracking_uri=uri, faults=train.Faults(kill_at_step=7))
+    assert (Path(drilled["grid"]).parent.parent / "killed_at_7").exists()
+    assert straight["status"] == drilled["status"] == "FINISHED" and drilled["steps"] == cfg.train.steps
+
+    a, b = losses(straight), losses(drilled)
+    assert sorted(a) == sorted(b) == list(range(1, cfg.train.steps + 1))
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-6
+    wa, wb = (load_file(Path(s["checkpoint"]) / "model.safetensors") for s in (straight, drilled))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+
+    (run,) = runs(uri, cfg.name, drilled["run_name"])  # one MLflow run, re-attached after the restart
+    assert run.info.status == "FINISHED" and run.info.run_id == drilled["mlflow_run_id"]
+    assert run.data.params["model.width"] == str(cfg.model.width)
+    assert {"train/loss", "train/img_per_s", "val/loss_t0.250"} <= set(run.data.metrics)
+    assert run.data.tags["final_checkpoint"] == drilled["checkpoint"]
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "samples", "trajectory.png", "loss.png"} <= artifacts
+
+    again = train.fit(cfg, tracking_uri=uri)  # resubmitting the same config resumes (here: already done)
+    assert again["run_name"] == drilled["run_name"] and len(runs(uri, cfg.name, drilled["run_name"])) == 1
+
+
+def test_nan_inputs_fail_the_run_after_the_configured_count(workdir, local_ray):
+    uri = f"sqlite:///{workdir / 'mlruns.db'}"
+    cfg = config(workdir, **{"train.max_failures": 0, "train.max_nonfinite": 2, "train.seed": 7})
+    with pytest.raises(Exception, match="non-finite loss"):
+        train.fit(cfg, tracking_uri=uri, faults=train.Faults(nan_from_step=5))
+    (run,) = runs(uri, cfg.name, train.run_name(cfg))
+    assert run.info.status == "FAILED" and "step 6: non-finite loss" in run.data.tags["error"]
+    checkpoints = sorted((workdir / "runs" / train.run_name(cfg)).glob("checkpoint_2*"))
+    assert checkpoints  # the last good checkpoint (step 4) holds finite weights
+    weights = load_file(checkpoints[-1] / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_unreachable_tracking_server_does_not_stop_training(workdir, local_ray):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config(workdir, **{"train.seed": 3, "train.steps": 4})
+    summary = train.fit(cfg, tracking_uri=f"http://127.0.0.1:{port}")
+    assert summary["status"] == "FINISHED" and summary["steps"] == 4 and Path(summary["checkpoint"]).is_dir()
+    assert "NOT delivered" in summary["tracking"]
+    backlog = Path(summary["grid"]).parent.parent / "tracking_backlog.jsonl"
+    methods = [json.loads(line)["method"] for line in backlog.read_text().splitlines()]
+    assert {"params", "metrics", "status"} <= set(methods)
+
+
+def test_bad_config_and_missing_data_fail_before_ray_starts(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiments.train", "--config", str(TINY), "--set", "model.width=7"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "model.width" in result.stderr and "ray" not in result.stdout.lower()
+    result = subprocess.run([sys.executable, "-m", "experiments.train", "--config", str(TINY),
+                             "--set", f"data.root={tmp_path / 'nothing'}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "prepare the data first" in result.stderr
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
