@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -270,6 +271,26 @@ def check_inputs(cfg: ExperimentConfig) -> None:
         raise SystemExit(f"error: {exc}") from None
 
 
+def fit_interruptibly(trainer):
+    """trainer.fit() in a helper thread: Ray's blocking wait in the main thread would hold off the
+    SIGTERM handler until training ended; joining in short slices lets it run at once."""
+    outcome: dict[str, Any] = {}
+
+    def target():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def storage_location(cfg: ExperimentConfig) -> tuple[str, Path]:
     """(Ray storage path or URI, local directory for this process's outputs)."""
     storage = cfg.train.storage_path
@@ -306,11 +327,12 @@ def fit(cfg: ExperimentConfig, *, tracking_uri: str | None = None, address: str 
 
     # Workers keep the driver's (or the job's) working directory, so relative data paths mean the same there.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    previous = signal.signal(signal.SIGTERM, terminate)
     status, error, summary = "FAILED", None, {"run_name": name}
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         if not ray.is_initialized():
             ray.init(address=address)
+        previous = signal.signal(signal.SIGTERM, terminate)  # after ray.init, which installs its own
         resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop, train_loop_config=asdict(launch),
@@ -319,7 +341,7 @@ def fit(cfg: ExperimentConfig, *, tracking_uri: str | None = None, address: str 
             run_config=RunConfig(name=name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
         if (run_dir / "summary.json").exists():
             summary.update(json.loads((run_dir / "summary.json").read_text()))
         if result.checkpoint is not None:

@@ -119,3 +119,28 @@ def test_bad_config_and_missing_data_fail_before_ray_starts(tmp_path):
                              "--set", f"data.root={tmp_path / 'nothing'}"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "prepare the data first" in result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr
+
+
+def test_sigterm_marks_the_run_killed(workdir):
+    import signal
+    import time
+
+    overrides = settings(workdir, **{"train.steps": 100000, "train.seed": 11, "train.num_workers": 1})
+    uri = f"sqlite:///{workdir / 'mlruns.db'}"
+    driver = subprocess.Popen([sys.executable, "-m", "experiments.train", "--config", str(TINY), *overrides,
+                               "--tracking-uri", uri], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        cfg = config(workdir, **{"train.steps": 100000, "train.seed": 11, "train.num_workers": 1})
+        metrics = workdir / "runs" / train.run_name(cfg) / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(1)
+        assert metrics.exists(), "training never started"
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=120) != 0
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    (run,) = runs(uri, cfg.name, train.run_name(cfg))
+    assert run.info.status == "KILLED"
