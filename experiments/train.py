@@ -98,7 +98,7 @@ class RankLoop:
         self.run_dir = Path(launch.run_dir)
         torch.set_num_threads(cfg.train.cpus_per_worker)
         self.autoencoder = Autoencoder.load(cfg.autoencoder).to(device)
-        self.encoder = TextEncoder(cfg.text)
+        self.encoder = TextEncoder(cfg.text, device)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, in every attempt
         model = ray.train.torch.prepare_model(MMDiT(cfg.model))
         self.flow = RectifiedFlow(cfg.flow, decode=self.autoencoder.decode)
