@@ -98,7 +98,7 @@ def _background(scene: Scene, px: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject, px: int) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, px: int) -> None:
     half = SIZES[obj.size] * px / 6  # half-extent: a cell is px/3 wide
     x, y = obj.cx * px, obj.cy * px
     colour = PALETTE[obj.colour]
@@ -121,7 +121,7 @@ def render(scene: Scene, size: int) -> Image.Image:
     img = _background(scene, px)
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
-        _draw(draw, obj, px)
+        draw_object(draw, obj, px)
     return img.resize((size, size), Image.Resampling.BOX)
 
 
