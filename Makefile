@@ -35,8 +35,7 @@ cluster-down: $(STAMP)
 cluster-demo: $(STAMP)
 	$(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
 	  python -m experiments.train --config experiments/configs/demo.yaml \
-	  --set data.root=$(CURDIR)/data/scenes --set autoencoder.path=$(CURDIR)/data/autoencoder \
-	  --set data.latent_cache=$(CURDIR)/data/scenes_latents --set text.cache_dir=$(CURDIR)/data/text_cache \
+	  --set data.root=$(CURDIR)/data/scenes --set data.latent_cache=$(CURDIR)/data/scenes_cache --set text.cache_dir=$(CURDIR)/data/text_cache \
 	  --set train.storage_path=$(CURDIR)/outputs/runs --tracking-uri sqlite:///$(CURDIR)/mlruns.db
 
 test: $(STAMP)
