@@ -49,8 +49,8 @@ def group_alive(pgid: int) -> bool:
 def up(*, num_cpus: int, port: int = 6379, dashboard_port: int = 8265, client_port: int = 10001,
        agent_port: int = 52365, temp_dir: str = "/tmp/ray-mmdit", state: Path = STATE, timeout: float = 120.0) -> dict:
     """Start the head node; return {"pid", "address" (job server URL), "log"}."""
-    if state.exists() and group_alive(json.loads(state.read_text())["pid"]):
-        info = json.loads(state.read_text())
+    info = json.loads(state.read_text()) if state.exists() else None
+    if info is not None and group_alive(info["pid"]):
         print(f"a cluster started here is already running: {info['address']}")
         return info
     state.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_KEY_TAG = "mmdit.run_key"
+RETRY_MAX_S = 10.0  # longest pause between delivery attempts
 # MLflow's HTTP client retries for minutes by default; this tracker retries on its own schedule.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -79,10 +80,9 @@ class _Call:
 class Tracker:
     """One training run's MLflow run, written from one process (the driver, or rank 0)."""
 
-    def __init__(self, uri: str, experiment: str, run_key: str, *, backlog: str | Path, tags: dict[str, str] | None = None,
-                 retry_max_s: float = 10.0):
+    def __init__(self, uri: str, experiment: str, run_key: str, *, backlog: str | Path, tags: dict[str, str] | None = None):
         self.uri, self.experiment, self.run_key = uri, experiment, run_key
-        self.backlog, self.tags, self.retry_max_s = Path(backlog), tags or {}, retry_max_s
+        self.backlog, self.tags = Path(backlog), tags or {}
         self.result = Delivery()
         self._client = None
         self._queue: queue.Queue[_Call | None] = queue.Queue()
@@ -141,7 +141,7 @@ class Tracker:
                         self._keep([call, *self._drain()])
                         return
                     time.sleep(backoff)
-                    backoff = min(backoff * 2, self.retry_max_s)
+                    backoff = min(backoff * 2, RETRY_MAX_S)
 
     def _drain(self) -> list[_Call]:
         calls = []

@@ -83,7 +83,8 @@ def gather(obj: Any) -> list[Any]:
 
 
 def mean_over_ranks(value: float) -> float:
-    return sum(gather(value)) / (dist.get_world_size() if dist.is_initialized() else 1)
+    values = gather(value)
+    return sum(values) / len(values)
 
 
 class RankLoop:
@@ -118,6 +119,7 @@ class RankLoop:
                                                                            cfg.eval.num_samples)
             self.metrics_file = self.run_dir / "metrics.jsonl"
             self._truncate_metrics(self.trainer.step)
+            self.val_by_t: dict[float, float] | None = None  # of the last checkpoint (always at the final step)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
@@ -176,7 +178,7 @@ class RankLoop:
             print(f"step {step}: loss {loss:.4f}  grad norm {metrics['grad_norm']:.3f}  {img_per_s:.0f} img/s", flush=True)
 
     def _validate(self, step: int) -> dict[str, float]:
-        val = self.trainer.validation_loss(self.val_x0, self.val_cond)
+        self.val_by_t = val = self.trainer.validation_loss(self.val_x0, self.val_cond)
         metrics = {f"val/loss_t{t:.3f}": v for t, v in val.items()}
         metrics["val/loss"] = sum(val.values()) / len(val)
         self.tracker.log_metrics(metrics, step)
@@ -194,11 +196,10 @@ class RankLoop:
         pixels = torch.stack([self.autoencoder.decode(frame).clamp(-1, 1).cpu() for frame in frames])
         return pixels if trajectory else pixels[0]
 
-    def _save_grid(self, step: int) -> Path:
+    def _save_grid(self, step: int, images: torch.Tensor) -> Path:
         path = self.run_dir / "samples" / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        n = min(self.cfg.train.num_grid_samples, len(self.val_captions))
-        sample_grid(self._samples(), self.val_captions[:n]).save(path)
+        sample_grid(images, self.val_captions[:len(images)]).save(path)
         self.tracker.log_artifact(path, "samples")
         return path
 
@@ -215,7 +216,7 @@ class RankLoop:
                 report.update(self._validate(step))
                 every = self.cfg.train.sample_every
                 if every and step % every == 0 and step != self.cfg.train.steps:
-                    self._save_grid(step)
+                    self._save_grid(step, self._samples())
                 path = self.trainer.save(Path(tmp) / "checkpoint", states)
                 checkpoint = ray.train.Checkpoint.from_directory(str(path))
             ray.train.report(report, checkpoint=checkpoint)
@@ -223,11 +224,13 @@ class RankLoop:
     def _finish(self) -> None:
         """Rank 0, at the last step: the final grid, a denoising strip, the loss curve, a summary."""
         step = self.trainer.step
-        grid = self._save_grid(step)
+        frames = self._samples(trajectory=True)  # (steps+1, n, 3, H, W): the last frame is the grid
+        grid = self._save_grid(step, frames[-1])
         strip = self.run_dir / "trajectory.png"
-        trajectory_strip(self._samples(trajectory=True)[:, 0]).save(strip)
+        trajectory_strip(frames[:, 0]).save(strip)
         records = [json.loads(line) for line in self.metrics_file.read_text().splitlines()]
-        val = self.trainer.validation_loss(self.val_x0, self.val_cond)
+        # resubmitting a finished run trains no step, so no checkpoint validated in this attempt
+        val = self.val_by_t or self.trainer.validation_loss(self.val_x0, self.val_cond)
         curve = self.run_dir / "loss.png"
         loss_curve([r["step"] for r in records], [r["loss"] for r in records], curve, val)
         for path in (strip, curve):
@@ -262,9 +265,7 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     """Refuse, before Ray starts, a run whose data, autoencoder or latent cache is missing or stale."""
     try:
         read_manifest(cfg.data.root)
-        if cfg.autoencoder.kind == "trained" and not Path(cfg.autoencoder.path).is_dir():
-            raise FileNotFoundError(f"autoencoder.path={cfg.autoencoder.path} holds no trained autoencoder: "
-                                    "run python -m experiments.train_autoencoder first")
+        Autoencoder.check_trained(cfg.autoencoder)
         if cfg.data.latent_cache:
             latent_cache_shards(cfg)
     except (FileNotFoundError, StaleCacheError) as exc:

@@ -73,13 +73,18 @@ class Autoencoder(nn.Module):
             if factor != cfg.factor:
                 raise ValueError(f"autoencoder.factor={cfg.factor} but the VAE at {cfg.path} downsamples by {factor}")
 
+    @staticmethod
+    def check_trained(cfg: AutoencoderConfig) -> None:
+        """FileNotFoundError when the `trained` kind has not been trained yet (cheap: no weights read)."""
+        if cfg.kind == "trained" and not Path(cfg.path).is_dir():
+            raise FileNotFoundError(f"autoencoder.path={cfg.path} holds no trained autoencoder: "
+                                    "run python -m experiments.train_autoencoder first")
+
     @classmethod
     def load(cls, cfg: AutoencoderConfig) -> Autoencoder:
         if cfg.kind == "identity":
             return cls(cfg)
-        if cfg.kind == "trained" and not Path(cfg.path).is_dir():
-            raise FileNotFoundError(f"autoencoder.path={cfg.path} holds no trained autoencoder: "
-                                    "run python -m experiments.train_autoencoder first")
+        cls.check_trained(cfg)
         return cls(cfg, AutoencoderKL.from_pretrained(cfg.path, subfolder=cfg.subfolder))
 
     @property
