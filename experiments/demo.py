@@ -3,8 +3,9 @@
     python -m experiments.demo [--config experiments/configs/demo.yaml] [--set k=v ...]
 
 Prepares the scenes, trains the latent autoencoder (or reuses one trained from the same settings and
-data), builds the latent cache (or reuses a fresh one), trains the MMDiT with Ray Train, and prints
-where the sample grid is, the headline metrics and how to open the MLflow UI.
+data), builds the latent cache (or reuses a fresh one), trains the MMDiT with Ray Train, evaluates its
+final checkpoint (FID, KID, prompt adherence; eval.num_samples images at the config's sampling
+settings), and prints where the samples are, the headline metrics and how to open the MLflow UI.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+
+from eval import evaluate
 
 from . import cache_latents, prepare_data, train, train_autoencoder
 from .cli import config_parser, resolve_config
@@ -36,6 +39,8 @@ def main(argv=None) -> dict:
     if cfg.data.latent_cache:
         stage("latent cache", lambda: cache_latents.reuse_or_build(cfg))
     summary = stage("training (Ray Train)", lambda: train.fit(cfg))
+    report = stage("evaluation", lambda: evaluate.evaluate(summary["checkpoint"]))
+    summary["eval"] = {"report": f"{report['out']}/report.md", **report["points"][0]["metrics"]}
     seconds["total"] = round(time.perf_counter() - started, 1)
     summary["stage_seconds"] = seconds
     if ae is not None:
@@ -49,6 +54,10 @@ def main(argv=None) -> dict:
     print(f"checkpoint: {summary.get('checkpoint')}")
     print(f"val loss {summary['val_loss']:.4f}   train loss (last {cfg.train.log_every} steps) "
           f"{summary['train_loss_last']:.4f}   stages (s): {json.dumps(seconds)}")
+    m = summary["eval"]
+    print(f"eval on {int(m['num_samples'])} samples for held-out captions: FID {m['fid']:.1f}  KID {m['kid']:.4f}  adherence: "
+          f"colour {100 * m['adherence_colour']:.0f}%  position {100 * m['adherence_position']:.0f}%  "
+          f"shape {100 * m['adherence_shape']:.0f}%  ({summary['eval']['report']})")
     print(f"MLflow run {summary['mlflow_run_id']} ({summary['status']}): `make ui`, then http://127.0.0.1:5000")
     return summary
 

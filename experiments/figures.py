@@ -62,3 +62,25 @@ def loss_curve(steps: list[int], losses: list[float], path: str | Path, val: dic
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def eval_curves(points: list[dict], path: str | Path) -> None:
+    """FID (and whole-caption adherence, when scored) against CFG scale and against sampling steps: one
+    line per fixed value of the other settings. Points are {sampler, steps, cfg_scale, metrics}."""
+    rows = [("fid", "FID")] + ([("adherence_whole", "whole-caption adherence")] if "adherence_whole" in points[0]["metrics"] else [])
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.3 * len(rows)), squeeze=False)
+    for col, (axis, other, label) in enumerate((("cfg_scale", "steps", "CFG scale"), ("steps", "cfg_scale", "sampling steps"))):
+        lines: dict[tuple, list[dict]] = {}
+        for p in points:
+            lines.setdefault((p["sampler"], p[other]), []).append(p)
+        for row, (metric, name) in enumerate(rows):
+            ax = axes[row, col]
+            for (sampler, fixed), members in sorted(lines.items()):
+                members = sorted(members, key=lambda p: p[axis])
+                ax.plot([p[axis] for p in members], [p["metrics"][metric] for p in members], marker="o",
+                        label=f"{sampler}, {'steps' if other == 'steps' else 'CFG'} {fixed:g}")
+            ax.set(xlabel=label, ylabel=name)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from eval.evaluate import Evaluator, Setting
 from mmdit_core.autoencoder import Autoencoder
 from mmdit_core.config import ExperimentConfig
 from mmdit_core.data.latents import StaleCacheError
@@ -42,10 +43,6 @@ from mmdit_core.trainer import Trainer
 from .cli import config_parser, resolve_config
 from .figures import loss_curve, sample_grid, trajectory_strip
 from .tracking import Tracker, default_uri, git_commit
-
-
-def run_name(cfg: ExperimentConfig) -> str:
-    return f"{cfg.name}-{cfg.short_hash()}-s{cfg.train.seed}"
 
 
 @dataclass
@@ -116,10 +113,11 @@ class RankLoop:
             self.tracker = Tracker(launch.tracking_uri, cfg.name, launch.run_name,
                                    backlog=self.run_dir / "tracking_backlog.jsonl")
             self.val_x0, self.val_cond, self.val_captions = validation_set(cfg, self.autoencoder, self.encoder,
-                                                                           cfg.eval.num_samples)
+                                                                           cfg.eval.val_loss_samples)
             self.metrics_file = self.run_dir / "metrics.jsonl"
             self._truncate_metrics(self.trainer.step)
             self.val_by_t: dict[float, float] | None = None  # of the last checkpoint (always at the final step)
+            self.evaluator: Evaluator | None = None  # built at the first quick eval (eval.every)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
@@ -145,6 +143,9 @@ class RankLoop:
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 self._checkpoint(step, metrics)
                 started = time.perf_counter()  # validation and saving are not training throughput
+            if cfg.eval.every and step % cfg.eval.every == 0 and self.rank == 0:
+                self._quick_eval(step)
+                started = time.perf_counter()
         if self.rank == 0:
             self._finish()
         print(f"rank {self.rank}: done at step {trainer.step}; {self.data.counts.report()}; "
@@ -183,6 +184,17 @@ class RankLoop:
         metrics["val/loss"] = sum(val.values()) / len(val)
         self.tracker.log_metrics(metrics, step)
         return metrics
+
+    def _quick_eval(self, step: int) -> None:
+        """FID, KID and adherence of eval.train_samples samples at the config's sampling settings (rank 0)."""
+        if self.evaluator is None:
+            self.evaluator = Evaluator(self.cfg, self.autoencoder, self.encoder, self.device, self.cfg.eval.train_samples, verbose=False)
+        sample = self.cfg.sample
+        # fork_rng: the eval must not shift the training's random streams (loader seeds draw from them)
+        with torch.random.fork_rng(devices=[]), self.trainer.ema.applied() as model, tempfile.TemporaryDirectory() as tmp:
+            metrics = self.evaluator.run(model, self.flow, Setting(sample.sampler, sample.steps, sample.cfg_scale), Path(tmp))
+        self.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
+        print(f"step {step}: quick eval " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
 
     @torch.no_grad()
     def _samples(self, trajectory: bool = False) -> torch.Tensor:
@@ -308,7 +320,7 @@ def fit(cfg: ExperimentConfig, *, tracking_uri: str | None = None, address: str 
     from ray.train.torch import TorchTrainer
 
     check_inputs(cfg)
-    name = run_name(cfg)
+    name = cfg.run_name()
     storage, outputs = storage_location(cfg)
     run_dir = outputs / name
     run_dir.mkdir(parents=True, exist_ok=True)

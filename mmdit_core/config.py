@@ -184,8 +184,16 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    num_samples: int = Field(256, ge=1)
-    batch_size: int = Field(64, ge=1)
+    num_samples: int = Field(1000, ge=2, description="generated images per sampling setting (FID, KID, adherence, CLIP)")
+    batch_size: int = Field(64, ge=1, description="images per sampling and Inception batch")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers that resize images for Inception")
+    reference_split: str = Field("train", min_length=1, description="dataset split of the FID reference statistics")
+    stats_dir: str = Field("data/fid_stats", description="cache of reference statistics, keyed by data and protocol")
+    clip_model: str | None = Field("openai/clip-vit-base-patch16",
+                                   description="CLIP hub id or local directory for the CLIP score; null skips it")
+    every: int = Field(0, ge=0, description="during training: a quick eval every N steps (0: off)")
+    train_samples: int = Field(128, ge=2, description="generated images of each quick eval during training")
+    val_loss_samples: int = Field(256, ge=1, description="held-out images of the validation loss")
     val_t: list[float] = Field(default_factory=lambda: [(i + 0.5) / 8 for i in range(8)],
                                description="fixed t values of the validation loss (SD3 uses 8)")
 
@@ -273,6 +281,10 @@ class ExperimentConfig(Section):
     def short_hash(self) -> str:
         """8 hex digits of the resolved config: part of the deterministic run name."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_name(self) -> str:
+        """Deterministic run name: submitting the same resolved config and seed again continues that run."""
+        return f"{self.name}-{self.short_hash()}-s{self.train.seed}"
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> ExperimentConfig:

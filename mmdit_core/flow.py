@@ -142,6 +142,14 @@ class RectifiedFlow:
         keep = (torch.rand(B, generator=generator) >= self.cfg.cfg_dropout).to(x0.device)
         return self.per_sample_loss(model, x0, noise, t, cond.where(keep, null)).mean()
 
+    @torch.no_grad()
+    def loss_by_t(self, model: nn.Module, x0: torch.Tensor, cond: Conditioning, ts: list[float],
+                  seed: int = 0) -> dict[float, float]:
+        """Mean loss at each fixed t, with noise fixed by `seed`: comparable across steps, runs and arms."""
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
+        return {t: self.per_sample_loss(model, x0, noise, torch.full((x0.shape[0],), t, device=x0.device), cond).mean().item()
+                for t in ts}
+
 
 # ---- sampling -----------------------------------------------------------------------------------
 

@@ -95,17 +95,10 @@ class Trainer:
 
     @torch.no_grad()
     def validation_loss(self, x0: torch.Tensor, cond: Conditioning, seed: int = 0) -> dict[float, float]:
-        """Mean loss at each fixed t of eval.val_t, with noise fixed by `seed` (comparable across runs)."""
+        """Mean loss at each fixed t of eval.val_t (RectifiedFlow.loss_by_t) under the training precision."""
         self.module.eval()
-        x0, cond = x0.to(self.device), cond.to(self.device)
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        losses = {}
         with autocast(self.cfg.train.precision, self.device):
-            for t in self.cfg.eval.val_t:
-                tt = torch.full((x0.shape[0],), t, device=self.device)
-                losses[t] = self.flow.per_sample_loss(self.module, x0, noise, tt, cond).mean().item()
-        return losses
+            return self.flow.loss_by_t(self.module, x0.to(self.device), cond.to(self.device), self.cfg.eval.val_t, seed)
 
     # ---- full state: what a checkpoint needs to continue exactly -----------------------------------
     def rank_state(self) -> dict[str, Any]:

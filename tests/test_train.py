@@ -90,9 +90,9 @@ def test_nan_inputs_fail_the_run_after_the_configured_count(workdir, local_ray):
     cfg = config(workdir, **{"train.max_failures": 0, "train.max_nonfinite": 2, "train.seed": 7})
     with pytest.raises(Exception, match="non-finite loss"):
         train.fit(cfg, tracking_uri=uri, faults=train.Faults(nan_from_step=5))
-    (run,) = runs(uri, cfg.name, train.run_name(cfg))
+    (run,) = runs(uri, cfg.name, cfg.run_name())
     assert run.info.status == "FAILED" and "step 6: non-finite loss" in run.data.tags["error"]
-    checkpoints = sorted((workdir / "runs" / train.run_name(cfg)).glob("checkpoint_2*"))
+    checkpoints = sorted((workdir / "runs" / cfg.run_name()).glob("checkpoint_2*"))
     assert checkpoints  # the last good checkpoint (step 4) holds finite weights
     weights = load_file(checkpoints[-1] / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
@@ -131,7 +131,7 @@ def test_sigterm_marks_the_run_killed(workdir):
                                "--tracking-uri", uri], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         cfg = config(workdir, **{"train.steps": 100000, "train.seed": 11, "train.num_workers": 1})
-        metrics = workdir / "runs" / train.run_name(cfg) / "metrics.jsonl"
+        metrics = workdir / "runs" / cfg.run_name() / "metrics.jsonl"
         deadline = time.monotonic() + 300
         while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline and driver.poll() is None:
             time.sleep(1)
@@ -142,5 +142,16 @@ def test_sigterm_marks_the_run_killed(workdir):
         if driver.poll() is None:
             driver.kill()
             driver.wait()
-    (run,) = runs(uri, cfg.name, train.run_name(cfg))
+    (run,) = runs(uri, cfg.name, cfg.run_name())
     assert run.info.status == "KILLED"
+
+
+def test_quick_eval_during_training_logs_fid_and_adherence(workdir, local_ray):
+    uri = f"sqlite:///{workdir / 'mlruns.db'}"
+    cfg = config(workdir, **{"train.seed": 5, "train.steps": 4, "train.num_workers": 1, "eval.every": 2,
+                             "eval.train_samples": 4, "eval.stats_dir": workdir / "fid_stats", "eval.clip_model": "null"})
+    assert train.fit(cfg, tracking_uri=uri)["status"] == "FINISHED"
+    (run,) = runs(uri, cfg.name, cfg.run_name())
+    client = MlflowClient(uri)
+    for metric in ("eval/fid", "eval/kid", "eval/adherence_colour"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [2, 4]

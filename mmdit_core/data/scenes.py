@@ -56,6 +56,14 @@ class Scene:
     def attributes(self) -> dict:
         return {"background": self.background, "objects": [asdict(o) | {"cell": o.cell_name} for o in self.objects]}
 
+    @classmethod
+    def from_attributes(cls, attributes: dict) -> Scene:
+        """A scene read back from its stored attributes: enough to judge an image against it (the texture
+        seed is not stored, so a textured background cannot be re-rendered)."""
+        names = SceneObject.__dataclass_fields__
+        objects = tuple(SceneObject(**{k: v for k, v in o.items() if k in names}) for o in attributes["objects"])
+        return cls(objects, attributes["background"], texture_seed=0)
+
 
 def describe(obj: SceneObject) -> str:
     where = {"center": "in the center", "top": "at the top", "bottom": "at the bottom",

@@ -57,16 +57,21 @@ class TrainingData:
             yield self.model_inputs(batch)
 
 
+def read_split(root: str, split: str, limit: int) -> tuple[torch.Tensor, list[str], list[dict | None]]:
+    """The first `limit` samples of a split, in order: pixels (N, 3, H, W), captions, attributes."""
+    images, captions, attributes = [], [], []
+    for batch in make_loader(split_shards(root, split), 64, counts=SkipCounts()):
+        images.append(batch["image"])
+        captions += batch["caption"]
+        attributes += batch["attributes"]
+        if len(captions) >= limit:
+            break
+    return torch.cat(images)[:limit], captions[:limit], attributes[:limit]
+
+
 def validation_set(cfg: ExperimentConfig, autoencoder: Autoencoder, encoder: TextEncoder,
                    limit: int) -> tuple[torch.Tensor, Conditioning, list[str]]:
     """The first `limit` val samples as model inputs (fixed: comparable across steps and runs)."""
-    images, captions = [], []
-    for batch in make_loader(split_shards(cfg.data.root, "val"), 64, counts=SkipCounts()):
-        images.append(batch["image"])
-        captions += batch["caption"]
-        if len(captions) >= limit:
-            break
-    pixels = torch.cat(images)[:limit]
-    captions = captions[:limit]
+    pixels, captions, _ = read_split(cfg.data.root, "val", limit)
     latents = torch.cat([autoencoder.encode(chunk) for chunk in pixels.split(64)])
     return latents, encoder.encode(captions), captions

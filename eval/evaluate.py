@@ -1,0 +1,288 @@
+"""Evaluate a checkpoint over a grid of sampling settings, without retraining; log it to its MLflow run.
+
+    python -m eval.evaluate --checkpoint PATH [--steps 4,8,25] [--cfg 1,2,4,7] [--sampler euler,heun]
+                            [--weights ema|model] [--set eval.num_samples=2000 ...] [--out DIR]
+
+PATH is a checkpoint directory the trainer wrote, or a run directory (its latest checkpoint is used).
+For every grid point, eval.num_samples images are sampled for the held-out captions (cycled when the
+val split has fewer; the same noise at every grid point, so points are paired) and scored:
+
+    FID, KID         against eval.reference_split (clean-fid protocol, cached reference statistics)
+    adherence_*      the exact oracle, per attribute and per whole caption (built-in scenes only)
+    clip_score       torchmetrics CLIPScore with eval.clip_model (skipped, with a notice, if none loads)
+    val_loss, _t*    validation loss at the fixed times eval.val_t (does not depend on sampling)
+
+Outputs in <run dir>/eval/step_<N>/ (or --out): report.json, report.md, curves.png (FID and adherence
+against CFG scale and against steps), grid_<setting>.png, and <setting>/images/*.png. In MLflow: one
+nested child run per grid point under the checkpoint's run, metrics `eval/...` at the checkpoint's
+step; evaluating again reuses the reference statistics and the same child runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from experiments.figures import eval_curves, sample_grid
+from experiments.tracking import Tracker, default_uri
+from mmdit_core.autoencoder import Autoencoder
+from mmdit_core.checkpoint import CheckpointError, load_checkpoint, read_config
+from mmdit_core.config import ConfigError, ExperimentConfig, SampleConfig, build_config
+from mmdit_core.data.images import to_uint8
+from mmdit_core.data.scenes import Scene
+from mmdit_core.data.training import read_split, validation_set
+from mmdit_core.flow import RectifiedFlow, generate
+from mmdit_core.model import MMDiT
+from mmdit_core.text import TextEncoder
+
+from .adherence import score_batch
+from .clip_score import load_clip_score
+from .fid import Inception, Statistics, fid, folder_features, kid, reference_statistics
+
+ADHERENCE = ("colour", "position", "shape", "whole", "whole_shape")
+GRID_IMAGES = 16
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One grid point of sampling settings."""
+
+    sampler: str
+    steps: int
+    cfg_scale: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.sampler}-{self.steps}-cfg{self.cfg_scale:g}"
+
+    def sample_config(self, base: SampleConfig) -> SampleConfig:
+        """`base` with this point's settings, validated like any config value."""
+        try:
+            return SampleConfig.model_validate({**base.model_dump(), **asdict(self)})
+        except ValueError as exc:
+            raise ConfigError(f"sampling setting {self.name}: {exc}") from None
+
+
+def settings_grid(samplers: list[str], steps: list[int], scales: list[float]) -> list[Setting]:
+    return [Setting(s, n, float(c)) for s, n, c in itertools.product(samplers, steps, scales)]
+
+
+def scenes_for(cfg: ExperimentConfig, attributes: list[dict | None]) -> tuple[list[Scene] | None, str | None]:
+    """The scenes the oracle judges against, or None and why adherence cannot be scored here."""
+    if cfg.data.source != "scenes" or any(a is None for a in attributes):
+        return None, f"adherence skipped: data.source={cfg.data.source} has no scene attributes to judge against"
+    scenes = [Scene.from_attributes(a) for a in attributes]
+    if any(s.background != "plain" for s in scenes):
+        return None, "adherence skipped: the oracle judges scenes on the plain background only"
+    return scenes, None
+
+
+class Evaluator:
+    """What scoring any weights of one config needs: held-out captions and scenes, fixed noise, reference
+    statistics, Inception and CLIP. Built once, then `run` per grid point (or per step during training)."""
+
+    def __init__(self, cfg: ExperimentConfig, autoencoder: Autoencoder, encoder: TextEncoder,
+                 device: str | torch.device, num_samples: int, verbose: bool = True):
+        self.cfg, self.autoencoder, self.device = cfg, autoencoder, torch.device(device)
+        self.num_samples, self.verbose = num_samples, verbose
+        pixels, captions, attributes = read_split(cfg.data.root, "val", num_samples)
+        repeats = -(-num_samples // len(captions))
+        self.captions = (captions * repeats)[:num_samples]
+        self.scenes, adherence_notice = scenes_for(cfg, (attributes * repeats)[:num_samples])
+        self.cond, self.null = encoder.encode(self.captions), encoder.null()
+        latent_shape = autoencoder.encode(pixels[:1].to(self.device)).shape[1:]
+        self.noise = torch.randn((num_samples, *latent_shape), generator=torch.Generator().manual_seed(cfg.sample.seed))
+        self.inception = Inception(self.device)
+        self.reference, self.reference_key = reference_statistics(cfg, self.inception, num_samples, verbose)
+        self.clip, clip_notice = load_clip_score(cfg.eval.clip_model, self.device)
+        self.notices = [n for n in (adherence_notice, clip_notice) if n]
+        for notice in self.notices:
+            print(notice)
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module, flow: RectifiedFlow, setting: Setting, directory: Path) -> tuple[np.ndarray, float]:
+        """(N, H, W, 3) uint8 samples, also written to `directory` as PNG files; and images per second."""
+        sample_cfg, batch = setting.sample_config(self.cfg.sample), self.cfg.eval.batch_size
+        model.eval()
+        chunks, started = [], time.perf_counter()
+        for start in tqdm(range(0, self.num_samples, batch), desc=f"sampling {setting.name}", disable=not self.verbose):
+            rows = slice(start, start + batch)
+            latents = generate(model, flow, self.noise[rows].to(self.device), self.cond[rows].to(self.device),
+                               self.null.to(self.device), sample_cfg)
+            chunks.append(to_uint8(self.autoencoder.decode(latents)))
+        img_per_s = self.num_samples / (time.perf_counter() - started)
+        images = np.concatenate(chunks)
+        directory.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(directory / f"{i:06d}.png")
+        return images, img_per_s
+
+    def run(self, model: torch.nn.Module, flow: RectifiedFlow, setting: Setting, directory: Path) -> dict[str, float]:
+        """Sample, then FID, KID, adherence and CLIP score of one setting; a sample grid in `directory`."""
+        images, img_per_s = self.sample(model, flow, setting, directory / setting.name / "images")
+        generated = Statistics(folder_features(directory / setting.name / "images", self.inception, self.cfg.eval.batch_size,
+                                               self.cfg.eval.num_workers, f"Inception {setting.name}", self.verbose))
+        metrics = {"fid": fid(generated, self.reference), "kid": kid(generated, self.reference),
+                   "num_samples": float(self.num_samples), "sample_img_per_s": img_per_s}
+        if self.scenes is not None:
+            adherence = score_batch(images, self.scenes).as_dict()
+            metrics.update({f"adherence_{k}": adherence[k] for k in ADHERENCE})
+        chw = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+        if self.clip is not None:
+            metrics["clip_score"] = self.clip(chw, self.captions, self.cfg.eval.batch_size)
+        sample_grid(chw[:GRID_IMAGES].float() / 127.5 - 1, self.captions[:GRID_IMAGES]).save(directory / f"grid_{setting.name}.png")
+        return metrics
+
+
+# ---- one checkpoint -------------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the latest checkpoint of a run directory."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path
+    found = sorted(p for p in path.glob("checkpoint_*") if (p / "manifest.json").is_file())
+    if not found:
+        raise CheckpointError(f"{path} is neither a checkpoint (no manifest.json) nor a run directory with checkpoint_* in it")
+    return found[-1]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    n, ref = report["num_samples"], report["reference"]
+    lines = [f"# Evaluation of {report['checkpoint']}", "",
+             f"Step {report['step']}, {report['weights']} weights. FID and KID: {n} generated images per row against "
+             f"{ref['images']} images of the {ref['split']} split (clean-fid protocol, Inception-v3 pool features). "
+             f"FID is biased upward at small N: compare rows with the same N only.", ""]
+    header = ["sampler", "steps", "CFG", f"FID (N={n})", "KID ×10³"]
+    has_adherence = "adherence_whole" in report["points"][0]["metrics"]
+    has_clip = "clip_score" in report["points"][0]["metrics"]
+    header += ["colour", "position", "shape", "whole caption"] if has_adherence else []
+    header += ["CLIP score"] if has_clip else []
+    header += ["img/s"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for point in report["points"]:
+        m = point["metrics"]
+        row = [point["sampler"], str(point["steps"]), f"{point['cfg_scale']:g}", f"{m['fid']:.2f}", f"{1e3 * m['kid']:.2f}"]
+        row += [f"{100 * m[f'adherence_{k}']:.1f}%" for k in ("colour", "position", "shape", "whole")] if has_adherence else []
+        row += [f"{m['clip_score']:.2f}"] if has_clip else []
+        row += [f"{m['sample_img_per_s']:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    val = report["val_loss_by_t"]
+    lines += ["", f"Validation loss (mean over t): {report['val_loss']:.4f}; by t: "
+              + ", ".join(f"t={float(t):.3f}: {v:.4f}" for t, v in val.items()), ""]
+    lines += [f"- {notice}" for notice in report["notices"]]
+    return "\n".join(lines) + "\n"
+
+
+def log_to_mlflow(uri: str, trained: ExperimentConfig, report: dict[str, Any], out: Path) -> list[str]:
+    """One nested child run per grid point under the checkpoint's run (found by its run name); the report
+    files as artifacts of that run. Returns the child run ids (empty if MLflow did not answer)."""
+    key, step, backlog = trained.run_name(), report["step"], out / "tracking_backlog.jsonl"
+    parent = Tracker(uri, trained.name, key, backlog=backlog)
+    for name in ("report.md", "report.json", "curves.png"):
+        parent.log_artifact(out / name, f"eval/step_{step:06d}")
+    if not parent.wait_ready(15):
+        print(f"warning: MLflow at {uri} does not answer; the results are in {out} only. {parent.close().summary()}")
+        return []
+    children = []
+    for point in report["points"]:
+        name = f"{point['name']}-n{report['num_samples']}-{report['weights']}"
+        child = Tracker(uri, trained.name, f"{key}/eval/step_{step:06d}/{name}", backlog=backlog,
+                        tags={"mlflow.parentRunId": parent.result.run_id, "mmdit.kind": "eval", "checkpoint": report["checkpoint"],
+                              "sampler": point["sampler"], "steps": str(point["steps"]), "cfg_scale": f"{point['cfg_scale']:g}"})
+        child.log_params({"sampler": point["sampler"], "steps": point["steps"], "cfg_scale": point["cfg_scale"],
+                          "num_samples": report["num_samples"], "weights": report["weights"], "step": step,
+                          "reference_images": report["reference"]["images"]})
+        child.log_metrics({f"eval/{k}": v for k, v in point["metrics"].items()}
+                          | {"eval/val_loss": report["val_loss"]}
+                          | {f"eval/val_loss_t{float(t):.3f}": v for t, v in report["val_loss_by_t"].items()}, step)
+        child.log_artifact(out / f"grid_{point['name']}.png")
+        child.set_status("FINISHED")
+        delivery = child.close()
+        children.append(delivery.run_id)
+        if delivery.undelivered:
+            print(f"warning: eval run {name}: {delivery.summary()}")
+    print(parent.close().summary())
+    return children
+
+
+def evaluate(checkpoint: str | Path, settings: list[Setting] | None = None, *, overrides: list[str] | None = None,
+             weights: str = "ema", out: str | Path | None = None, tracking_uri: str | None = None,
+             device: str | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Score one checkpoint at every setting (default: its own sample settings); returns the report."""
+    path = resolve_checkpoint(checkpoint)
+    trained = read_config(path)
+    cfg = build_config(trained.to_dict(), overrides)
+    device = torch.device(device or ("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"))
+    settings = settings or [Setting(cfg.sample.sampler, cfg.sample.steps, cfg.sample.cfg_scale)]
+    for setting in settings:
+        setting.sample_config(cfg.sample)  # refuse a bad grid before any work
+    model = MMDiT(cfg.model)
+    step = load_checkpoint(path, model=model, weights=weights).step
+    model.to(device).eval()
+    out = Path(out) if out else path.parent / "eval" / f"step_{step:06d}"
+    out.mkdir(parents=True, exist_ok=True)
+    autoencoder = Autoencoder.load(cfg.autoencoder).to(device)
+    encoder = TextEncoder(cfg.text, device)
+    flow = RectifiedFlow(cfg.flow, decode=autoencoder.decode)
+    x0, cond, _ = validation_set(cfg, autoencoder, encoder, cfg.eval.val_loss_samples)
+    val = flow.loss_by_t(model, x0.to(device), cond.to(device), cfg.eval.val_t)
+    evaluator = Evaluator(cfg, autoencoder, encoder, device, cfg.eval.num_samples, verbose)
+    points = []
+    for setting in settings:
+        metrics = evaluator.run(model, flow, setting, out)
+        points.append({"name": setting.name, **asdict(setting), "metrics": metrics})
+        print(f"{setting.name}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+    report = {"checkpoint": str(path), "step": step, "weights": weights, "num_samples": cfg.eval.num_samples,
+              "reference": evaluator.reference_key, "val_loss": sum(val.values()) / len(val),
+              "val_loss_by_t": {f"{t:.3f}": v for t, v in val.items()}, "points": points, "notices": evaluator.notices}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+    eval_curves(points, out / "curves.png")
+    report["mlflow_child_runs"] = log_to_mlflow(tracking_uri or default_uri(), trained, report, out)
+    report["out"] = str(out)
+    return report
+
+
+def _list(kind):
+    return lambda text: [kind(v) for v in text.split(",") if v.strip()]
+
+
+def main(argv=None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (latest checkpoint)")
+    parser.add_argument("--steps", type=_list(int), default=None, help="comma-separated sampling steps (default: the config's)")
+    parser.add_argument("--cfg", type=_list(float), default=None, help="comma-separated CFG scales (default: the config's)")
+    parser.add_argument("--sampler", type=_list(str), default=None, help="comma-separated samplers: euler, heun")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the checkpoint's config, e.g. eval.num_samples=2000")
+    parser.add_argument("--out", default=None, help="output directory (default: <run dir>/eval/step_<N>)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the config trains on GPUs)")
+    args = parser.parse_args(argv)
+    try:
+        path = resolve_checkpoint(args.checkpoint)
+        sample = build_config(read_config(path).to_dict(), args.overrides).sample
+        settings = settings_grid(args.sampler or [sample.sampler], args.steps or [sample.steps], args.cfg or [sample.cfg_scale])
+        report = evaluate(path, settings, overrides=args.overrides, weights=args.weights, out=args.out,
+                          tracking_uri=args.tracking_uri, device=args.device)
+    except (CheckpointError, ConfigError, FileNotFoundError, KeyError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"\nreport: {report['out']}/report.md\n")
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
