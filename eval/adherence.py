@@ -116,8 +116,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
+NUDGES = (-0.5, 0.0, 0.5)  # sub-pixel moves of a template around the centroid placement
+
+
 def best_shape(mask: np.ndarray) -> str:
-    """The shape whose template (either size, centred on the mask's centroid) overlaps `mask` best."""
+    """The shape whose template (either size, centred on the mask's centroid, nudged by up to half a
+    pixel: where a threshold falls on an edge depends on the sub-pixel placement) overlaps `mask` best."""
     px = mask.shape[0]
     mx, my = _centroid(mask)
     best, best_iou = SHAPES[0], -1.0
@@ -126,10 +130,12 @@ def best_shape(mask: np.ndarray) -> str:
             # place the template so that its own centroid falls on the mask's centroid
             probe = template(shape, size, 0.5, 0.5, px)
             tx, ty = _centroid(probe)
-            cx, cy = 0.5 + (mx - tx) / px, 0.5 + (my - ty) / px
-            score = iou(template(shape, size, cx, cy, px), mask)
-            if score > best_iou:
-                best, best_iou = shape, score
+            for dx in NUDGES:
+                for dy in NUDGES:
+                    cx, cy = 0.5 + (mx - tx + dx) / px, 0.5 + (my - ty + dy) / px
+                    score = iou(template(shape, size, cx, cy, px), mask)
+                    if score > best_iou:
+                        best, best_iou = shape, score
     return best
 
 

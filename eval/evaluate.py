@@ -99,15 +99,25 @@ class Evaluator:
         repeats = -(-num_samples // len(captions))
         self.captions = (captions * repeats)[:num_samples]
         self.scenes, adherence_notice = scenes_for(cfg, (attributes * repeats)[:num_samples])
+        # the oracle on the real held-out images at this resolution: the ceiling a model's adherence is read against
+        self.oracle = score_batch(pixels, self.scenes[:len(pixels)]).as_dict() if self.scenes is not None else None
         self.cond, self.null = encoder.encode(self.captions), encoder.null()
         latent_shape = autoencoder.encode(pixels[:1].to(self.device)).shape[1:]
         self.noise = torch.randn((num_samples, *latent_shape), generator=torch.Generator().manual_seed(cfg.sample.seed))
         self.inception = Inception(self.device)
         self.reference, self.reference_key = reference_statistics(cfg, self.inception, num_samples, verbose)
+        self.floor = self._real_vs_real(verbose)
         self.clip, clip_notice = load_clip_score(cfg.eval.clip_model, self.device)
         self.notices = [n for n in (adherence_notice, clip_notice) if n]
         for notice in self.notices:
             print(notice)
+
+    def _real_vs_real(self, verbose: bool) -> dict[str, Any]:
+        """FID and KID of real images of another split against the reference at the same N: what a perfect
+        model would score at this N (FID's small-sample bias made visible)."""
+        split = "val" if self.cfg.eval.reference_split != "val" else "train"
+        real, key = reference_statistics(self.cfg, self.inception, self.num_samples, verbose, split=split)
+        return {"split": split, "images": real.count, "fid": fid(real, self.reference), "kid": kid(real, self.reference)}
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, flow: RectifiedFlow, setting: Setting, directory: Path) -> tuple[np.ndarray, float]:
@@ -162,7 +172,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation of {report['checkpoint']}", "",
              f"Step {report['step']}, {report['weights']} weights. FID and KID: {n} generated images per row against "
              f"{ref['images']} images of the {ref['split']} split (clean-fid protocol, Inception-v3 pool features). "
-             f"FID is biased upward at small N: compare rows with the same N only.", ""]
+             f"FID is biased upward at small N: compare rows with the same N only. Real images of the "
+             f"{report['real_vs_real']['split']} split score FID {report['real_vs_real']['fid']:.2f}, KID ×10³ "
+             f"{1e3 * report['real_vs_real']['kid']:.2f} (N={report['real_vs_real']['images']}): the floor at this N.", ""]
     header = ["sampler", "steps", "CFG", f"FID (N={n})", "KID ×10³"]
     has_adherence = "adherence_whole" in report["points"][0]["metrics"]
     has_clip = "clip_score" in report["points"][0]["metrics"]
@@ -177,6 +189,10 @@ def markdown(report: dict[str, Any]) -> str:
         row += [f"{m['clip_score']:.2f}"] if has_clip else []
         row += [f"{m['sample_img_per_s']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
+    oracle = report["oracle_on_real_images"]
+    if oracle:
+        lines += ["", f"The oracle on {oracle['images']} real held-out images at this resolution (its ceiling): "
+                  + ", ".join(f"{k} {100 * oracle[k]:.1f}%" for k in ("colour", "position", "shape", "whole"))]
     val = report["val_loss_by_t"]
     lines += ["", f"Validation loss (mean over t): {report['val_loss']:.4f}; by t: "
               + ", ".join(f"t={float(t):.3f}: {v:.4f}" for t, v in val.items()), ""]
@@ -244,7 +260,7 @@ def evaluate(checkpoint: str | Path, settings: list[Setting] | None = None, *, o
         points.append({"name": setting.name, **asdict(setting), "metrics": metrics})
         print(f"{setting.name}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
     report = {"checkpoint": str(path), "step": step, "weights": weights, "num_samples": cfg.eval.num_samples,
-              "reference": evaluator.reference_key, "val_loss": sum(val.values()) / len(val),
+              "reference": evaluator.reference_key, "real_vs_real": evaluator.floor, "oracle_on_real_images": evaluator.oracle, "val_loss": sum(val.values()) / len(val),
               "val_loss_by_t": {f"{t:.3f}": v for t, v in val.items()}, "points": points, "notices": evaluator.notices}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))

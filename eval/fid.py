@@ -149,10 +149,10 @@ def write_split_images(root: str | Path, split: str, count: int, directory: Path
 
 
 def reference_statistics(cfg: ExperimentConfig, inception: Inception, count: int | None = None,
-                         verbose: bool = True) -> tuple[Statistics, dict]:
-    """Features of the first `count` (default eval.num_samples) images of eval.reference_split, from the
-    cache when its key matches; returns the statistics and the key (with `cached`: hit or miss)."""
-    key = reference_key(cfg, cfg.eval.reference_split, count or cfg.eval.num_samples, inception)
+                         verbose: bool = True, split: str | None = None) -> tuple[Statistics, dict]:
+    """Features of the first `count` (default eval.num_samples) images of `split` (default
+    eval.reference_split), from the cache when its key matches; returns them and the key (with `cached`)."""
+    key = reference_key(cfg, split or cfg.eval.reference_split, count or cfg.eval.num_samples, inception)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cfg.eval.stats_dir) / f"{key['split']}-{digest}.npz"
     if path.is_file():

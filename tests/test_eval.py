@@ -144,6 +144,8 @@ def test_evaluate_cli_writes_report_and_nested_mlflow_runs(tmp_path, tiny_clip):
     metrics = saved["points"][0]["metrics"]
     assert {"fid", "kid", "clip_score", "adherence_colour", "adherence_position", "adherence_shape",
             "adherence_whole", "sample_img_per_s"} <= set(metrics) and metrics["fid"] > 0
+    assert saved["oracle_on_real_images"]["colour"] > 0.9  # the oracle reads the real 16-pixel scenes
+    assert saved["real_vs_real"]["split"] == "val" and saved["real_vs_real"]["fid"] < metrics["fid"]
     assert "| euler | 2 | 3 |" in (out / "report.md").read_text() and "N=6" in (out / "report.md").read_text()
 
     client = MlflowClient(uri)

@@ -27,9 +27,13 @@ def test_data_stage_commands(tmp_path, capsys):
     cache = cache_latents.main(args)
     assert cache["splits"]["train"]["samples"] == 48
 
-    results = bench.main(args + ["--seconds", "0.2", "--out", str(tmp_path / "bench.json")])
+    results = bench.main(args + ["--seconds", "0.2", "--repeats", "1", "--inception-batch", "2",
+                                 "--out", str(tmp_path / "bench.json")])
     assert set(results["loader_samples_per_s"]) == {"shards, 0 workers", "latent_cache, 0 workers"}
     assert all(rate > 0 for rate in results["loader_samples_per_s"].values())
+    assert len(results["sampling_img_per_s"]) == 6 and all(rate > 0 for rate in results["sampling_img_per_s"].values())
+    assert results["inception_img_per_s"] > 0 and results["fid_seconds"] > 0
+    assert json.loads((tmp_path / "bench.json").read_text()) == results
 
 
 def test_bad_config_fails_before_any_work(tmp_path):
