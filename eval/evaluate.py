@@ -65,6 +65,10 @@ class Setting:
     def name(self) -> str:
         return f"{self.sampler}-{self.steps}-cfg{self.cfg_scale:g}"
 
+    @classmethod
+    def of(cls, sample: SampleConfig) -> Setting:
+        return cls(sample.sampler, sample.steps, sample.cfg_scale)
+
     def sample_config(self, base: SampleConfig) -> SampleConfig:
         """`base` with this point's settings, validated like any config value."""
         try:
@@ -240,7 +244,7 @@ def evaluate(checkpoint: str | Path, settings: list[Setting] | None = None, *, o
     trained = read_config(path)
     cfg = build_config(trained.to_dict(), overrides)
     device = torch.device(device or ("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"))
-    settings = settings or [Setting(cfg.sample.sampler, cfg.sample.steps, cfg.sample.cfg_scale)]
+    settings = settings or [Setting.of(cfg.sample)]
     for setting in settings:
         setting.sample_config(cfg.sample)  # refuse a bad grid before any work
     model = MMDiT(cfg.model)

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eval.evaluate import Evaluator, Setting
 from mmdit_core.autoencoder import Autoencoder
 from mmdit_core.config import ExperimentConfig
 from mmdit_core.data.latents import StaleCacheError
@@ -117,7 +116,7 @@ class RankLoop:
             self.metrics_file = self.run_dir / "metrics.jsonl"
             self._truncate_metrics(self.trainer.step)
             self.val_by_t: dict[float, float] | None = None  # of the last checkpoint (always at the final step)
-            self.evaluator: Evaluator | None = None  # built at the first quick eval (eval.every)
+            self.evaluator = None  # eval.evaluate.Evaluator, built at the first quick eval (eval.every)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> None:
@@ -187,12 +186,13 @@ class RankLoop:
 
     def _quick_eval(self, step: int) -> None:
         """FID, KID and adherence of eval.train_samples samples at the config's sampling settings (rank 0)."""
+        from eval.evaluate import Evaluator, Setting  # torchmetrics, CLIP, Inception: loaded only when used
+
         if self.evaluator is None:
             self.evaluator = Evaluator(self.cfg, self.autoencoder, self.encoder, self.device, self.cfg.eval.train_samples, verbose=False)
-        sample = self.cfg.sample
         # fork_rng: the eval must not shift the training's random streams (loader seeds draw from them)
         with torch.random.fork_rng(devices=[]), self.trainer.ema.applied() as model, tempfile.TemporaryDirectory() as tmp:
-            metrics = self.evaluator.run(model, self.flow, Setting(sample.sampler, sample.steps, sample.cfg_scale), Path(tmp))
+            metrics = self.evaluator.run(model, self.flow, Setting.of(self.cfg.sample), Path(tmp))
         self.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step)
         print(f"step {step}: quick eval " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
 
