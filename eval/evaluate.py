@@ -1,7 +1,7 @@
 """Evaluate a checkpoint over a grid of sampling settings, without retraining; log it to its MLflow run.
 
     python -m eval.evaluate --checkpoint PATH [--steps 4,8,25] [--cfg 1,2,4,7] [--sampler euler,heun]
-                            [--weights ema|model] [--set eval.num_samples=2000 ...] [--out DIR]
+                            [--set eval.weights=model] [--set eval.num_samples=2000 ...] [--out DIR]
 
 PATH is a checkpoint directory the trainer wrote, or a run directory (its latest checkpoint is used).
 For every grid point, eval.num_samples images are sampled for the held-out captions (cycled when the
@@ -237,7 +237,7 @@ def log_to_mlflow(uri: str, trained: ExperimentConfig, report: dict[str, Any], o
 
 
 def evaluate(checkpoint: str | Path, settings: list[Setting] | None = None, *, overrides: list[str] | None = None,
-             weights: str = "ema", out: str | Path | None = None, tracking_uri: str | None = None,
+             out: str | Path | None = None, tracking_uri: str | None = None,
              device: str | None = None, verbose: bool = True) -> dict[str, Any]:
     """Score one checkpoint at every setting (default: its own sample settings); returns the report."""
     path = resolve_checkpoint(checkpoint)
@@ -248,7 +248,7 @@ def evaluate(checkpoint: str | Path, settings: list[Setting] | None = None, *, o
     for setting in settings:
         setting.sample_config(cfg.sample)  # refuse a bad grid before any work
     model = MMDiT(cfg.model)
-    step = load_checkpoint(path, model=model, weights=weights).step
+    step = load_checkpoint(path, model=model, weights=cfg.eval.weights).step
     model.to(device).eval()
     out = Path(out) if out else path.parent / "eval" / f"step_{step:06d}"
     out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +263,7 @@ def evaluate(checkpoint: str | Path, settings: list[Setting] | None = None, *, o
         metrics = evaluator.run(model, flow, setting, out)
         points.append({"name": setting.name, **asdict(setting), "metrics": metrics})
         print(f"{setting.name}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-    report = {"checkpoint": str(path), "step": step, "weights": weights, "num_samples": cfg.eval.num_samples,
+    report = {"checkpoint": str(path), "step": step, "weights": cfg.eval.weights, "num_samples": cfg.eval.num_samples,
               "reference": evaluator.reference_key, "real_vs_real": evaluator.floor, "oracle_on_real_images": evaluator.oracle, "val_loss": sum(val.values()) / len(val),
               "val_loss_by_t": {f"{t:.3f}": v for t, v in val.items()}, "points": points, "notices": evaluator.notices}
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -284,7 +284,6 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--steps", type=_list(int), default=None, help="comma-separated sampling steps (default: the config's)")
     parser.add_argument("--cfg", type=_list(float), default=None, help="comma-separated CFG scales (default: the config's)")
     parser.add_argument("--sampler", type=_list(str), default=None, help="comma-separated samplers: euler, heun")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the checkpoint's config, e.g. eval.num_samples=2000")
     parser.add_argument("--out", default=None, help="output directory (default: <run dir>/eval/step_<N>)")
@@ -295,7 +294,7 @@ def main(argv=None) -> dict[str, Any]:
         path = resolve_checkpoint(args.checkpoint)
         sample = build_config(read_config(path).to_dict(), args.overrides).sample
         settings = settings_grid(args.sampler or [sample.sampler], args.steps or [sample.steps], args.cfg or [sample.cfg_scale])
-        report = evaluate(path, settings, overrides=args.overrides, weights=args.weights, out=args.out,
+        report = evaluate(path, settings, overrides=args.overrides, out=args.out,
                           tracking_uri=args.tracking_uri, device=args.device)
     except (CheckpointError, ConfigError, FileNotFoundError, KeyError) as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -189,6 +189,7 @@ class EvalConfig(Section):
     num_workers: int = Field(0, ge=0, description="DataLoader workers that resize images for Inception")
     reference_split: str = Field("train", min_length=1, description="dataset split of the FID reference statistics")
     stats_dir: str = Field("data/fid_stats", description="cache of reference statistics, keyed by data and protocol")
+    weights: Literal["ema", "model"] = Field("ema", description="which weights of a checkpoint are evaluated")
     clip_model: str | None = Field("openai/clip-vit-base-patch16",
                                    description="CLIP hub id or local directory for the CLIP score; null skips it")
     every: int = Field(0, ge=0, description="during training: a quick eval every N steps (0: off)")

@@ -1,0 +1,73 @@
+"""The ablation axes: what each one tests, where the idea comes from, and the config overrides of its arms.
+
+A training-time axis changes the trained model, so each of its arms (× seed) is a training run. A
+sampling-time axis changes only how a trained checkpoint is sampled or which of its weights are
+used, so every trained checkpoint is evaluated at each of its arms and nothing is retrained.
+
+    AXES["pos_emb"].overrides("none")   # ["model.pos_emb=none"]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+HAND_BUILT = "the hand-built MMDiT write-up"
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    kind: Literal["training", "sampling"]
+    field: str  # the dotted config field the arms set
+    arms: tuple[str, ...]  # values of `field`, as --set would write them
+    reference: str  # the arm the others are compared with
+    tests: str
+    source: str
+
+    def __post_init__(self):
+        if self.reference not in self.arms:
+            raise ValueError(f"axis {self.name}: reference arm {self.reference!r} is not one of {self.arms}")
+
+    def overrides(self, arm: str) -> list[str]:
+        if arm not in self.arms:
+            raise KeyError(f"axis {self.name} has no arm {arm!r} (arms: {', '.join(self.arms)})")
+        return [f"{self.field}={arm}"]
+
+
+AXES: dict[str, Axis] = {axis.name: axis for axis in (
+    Axis("sdpa_layout", "training", "model.sdpa_layout", ("heads_first", "seq_first"), "heads_first",
+         "SDPA handed (B, S, H, D) instead of (B, H, S, D): every token attends across its own heads only",
+         f"{HAND_BUILT}: the head-axis bug that silently trained a worse model"),
+    Axis("pos_emb", "training", "model.pos_emb", ("learned", "sincos", "rope2d", "none"), "learned",
+         "how image tokens know where they are: learned table, fixed 2-D sin-cos, 2-D RoPE, or nothing",
+         f"{HAND_BUILT} (leaving them out was a disaster); DiT (sin-cos); Flux and Qwen-Image (RoPE)"),
+    Axis("loss_space", "training", "flow.loss_space", ("latent", "image"), "latent",
+         "MSE on the network's target in latent space, or between decoded predicted and true x0 in pixels",
+         f"{HAND_BUILT}: computing the loss in latent rather than image space"),
+    Axis("cfg_scale", "sampling", "sample.cfg_scale", ("1.0", "2.0", "4.0", "7.0"), "1.0",
+         "classifier-free guidance scale (1: no guidance)", "Ho & Salimans, classifier-free guidance; SD3"),
+    Axis("time_sampling", "training", "flow.time_sampling", ("uniform", "logit_normal", "mode"), "uniform",
+         "the training distribution of t", "SD3 (Esser et al. 2024), section 3.1"),
+    Axis("prediction", "training", "flow.prediction", ("velocity", "epsilon", "x0"), "velocity",
+         "what the network outputs (all converted to a velocity to sample)", "SD3's loss table; DDPM (epsilon)"),
+    Axis("time_cond", "training", "model.time_cond", ("adaln_zero", "additive"), "adaln_zero",
+         "AdaLN-Zero modulation vs adding the conditioning vector to every token", "DiT (Peebles & Xie 2023)"),
+    Axis("block", "training", "model.block", ("joint", "cross", "adaln_only"), "joint",
+         "joint attention over [image, text], self- then cross-attention, or text through the pooled vector only",
+         "SD3 (joint), PixArt-alpha (cross), DiT (adaLN only)"),
+    Axis("qk_norm", "training", "model.qk_norm", ("none", "layernorm", "rmsnorm"), "none",
+         "per-head normalisation of queries and keys", "SD3 (RMSNorm for stability at scale); ViT-22B"),
+    Axis("ema", "sampling", "eval.weights", ("ema", "model"), "ema",
+         "sampling with the exponential moving average of the weights or the raw weights", "DiT, SD3, most diffusion work"),
+    Axis("steps", "sampling", "sample.steps", ("4", "8", "25"), "25",
+         "number of ODE solver steps", "rectified flow's straight paths (Liu et al. 2022; SD3)"),
+    Axis("sampler", "sampling", "sample.sampler", ("euler", "heun"), "euler",
+         "first-order Euler or second-order Heun ODE solver", "EDM (Karras et al. 2022)"),
+)}
+
+
+def get_axis(name: str) -> Axis:
+    if name not in AXES:
+        raise KeyError(f"unknown axis {name!r} (axes: {', '.join(AXES)})")
+    return AXES[name]
