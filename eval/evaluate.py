@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -120,7 +121,7 @@ class Evaluator:
         """FID and KID of real images of another split against the reference at the same N: what a perfect
         model would score at this N (FID's small-sample bias made visible)."""
         split = "val" if self.cfg.eval.reference_split != "val" else "train"
-        real, key = reference_statistics(self.cfg, self.inception, self.num_samples, verbose, split=split)
+        real, _ = reference_statistics(self.cfg, self.inception, self.num_samples, verbose, split=split)
         return {"split": split, "images": real.count, "fid": fid(real, self.reference), "kid": kid(real, self.reference)}
 
     @torch.no_grad()
@@ -136,7 +137,8 @@ class Evaluator:
             chunks.append(to_uint8(self.autoencoder.decode(latents)))
         img_per_s = self.num_samples / (time.perf_counter() - started)
         images = np.concatenate(chunks)
-        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)  # an earlier, larger evaluation must not leave files in the set
+        directory.mkdir(parents=True)
         for i, image in enumerate(images):
             Image.fromarray(image).save(directory / f"{i:06d}.png")
         return images, img_per_s

@@ -156,8 +156,11 @@ def test_evaluate_cli_writes_report_and_nested_mlflow_runs(tmp_path, tiny_clip):
     history = client.get_metric_history(children[0].info.run_id, "eval/fid")
     assert [m.step for m in history] == [2]
 
-    again = evaluate.main(args[:4] + ["--cfg", "3"] + args[6:])  # the same checkpoint again: cache hit, no new runs
+    # the same checkpoint again, with a stray file in a sample folder: cache hit, the folder rewritten, no new runs
+    (out / "euler-1-cfg3" / "images" / "999999.png").write_bytes((out / "euler-1-cfg3" / "images" / "000000.png").read_bytes())
+    again = evaluate.main(args[:4] + ["--cfg", "3"] + args[6:])
     assert again["reference"]["cached"] and len(again["points"]) == 2
+    assert len(list((out / "euler-1-cfg3" / "images").glob("*.png"))) == 6
     assert len(client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 4
 
 
