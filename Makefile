@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.2
 
-.PHONY: install demo test ui cluster-up cluster-down cluster-demo clean
+.PHONY: install demo test ui cluster-up cluster-down cluster-demo sweep sweep-smoke clean
 
 install: $(STAMP)
 
@@ -37,6 +37,14 @@ cluster-demo: $(STAMP)
 	  python -m experiments.train --config experiments/configs/demo.yaml \
 	  --set data.root=$(CURDIR)/data/scenes --set data.latent_cache=$(CURDIR)/data/scenes_cache --set text.cache_dir=$(CURDIR)/data/text_cache \
 	  --set train.storage_path=$(CURDIR)/outputs/runs --tracking-uri sqlite:///$(CURDIR)/mlruns.db
+
+# The critical_details ablation sweep and its report (Ray Tune; run it again to continue an interrupted one).
+sweep: $(STAMP)
+	$(PY) -m ablations.sweep --preset critical_details
+
+# A two-arm, one-seed sweep of a tiny model through Ray Tune, MLflow and the report (part of make test).
+sweep-smoke: $(STAMP)
+	$(PY) -m pytest -q tests/test_sweep.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

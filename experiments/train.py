@@ -313,8 +313,9 @@ def storage_location(cfg: ExperimentConfig) -> tuple[str, Path]:
 
 
 def fit(cfg: ExperimentConfig, *, tracking_uri: str | None = None, address: str | None = None,
-        faults: Faults | None = None) -> dict[str, Any]:
-    """Run (or resume) the training run of `cfg` and return its summary; the MLflow status is set here."""
+        faults: Faults | None = None, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run (or resume) the training run of `cfg` and return its summary; the MLflow status is set here.
+    `tags` go on the MLflow run when it is created (a sweep passes its parent run and the trial's arms)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -327,7 +328,7 @@ def fit(cfg: ExperimentConfig, *, tracking_uri: str | None = None, address: str 
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     uri = tracking_uri or default_uri()
     tracker = Tracker(uri, cfg.name, name, backlog=run_dir / "tracking_backlog.jsonl",
-                      tags={"git_commit": git_commit(), "config": cfg.name, "seed": str(cfg.train.seed)})
+                      tags={"git_commit": git_commit(), "config": cfg.name, "seed": str(cfg.train.seed), **(tags or {})})
     tracker.set_status("RUNNING")
     tracker.log_params(cfg.to_flat())
     tracker.log_artifact(run_dir / "config.yaml")
@@ -341,11 +342,14 @@ def fit(cfg: ExperimentConfig, *, tracking_uri: str | None = None, address: str 
     # Workers keep the driver's (or the job's) working directory, so relative data paths mean the same there.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     status, error, summary = "FAILED", None, {"run_name": name}
+    # Signal handlers belong to the main thread; a Ray Tune trial runs fit() in another one (Tune handles its stop).
+    handles_sigterm = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
     try:
         if not ray.is_initialized():
             ray.init(address=address)
-        previous = signal.signal(signal.SIGTERM, terminate)  # after ray.init, which installs its own
+        if handles_sigterm:
+            previous = signal.signal(signal.SIGTERM, terminate)  # after ray.init, which installs its own
         resources = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})}
         trainer = TorchTrainer(
             train_loop, train_loop_config=asdict(launch),
@@ -369,7 +373,8 @@ def fit(cfg: ExperimentConfig, *, tracking_uri: str | None = None, address: str 
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous)
         tracker.set_status(status, error)
         delivery = tracker.close()
         summary.update(status=status, mlflow_run_id=delivery.run_id, tracking=delivery.summary())

@@ -6,6 +6,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -31,3 +33,16 @@ def random_conditioning(batch: int, length: int = 5, dim: int = 16, valid: int |
 @pytest.fixture
 def tiny_cfg():
     return tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """Ray in this process with 2 CPUs, shut down after the module's tests."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

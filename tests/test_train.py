@@ -5,7 +5,6 @@ import json
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,18 +33,6 @@ def settings(root: Path, **extra) -> list[str]:
 
 def config(root: Path, **extra):
     return load_config(TINY, settings(root, **extra)[1::2])
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, configure_logging=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def runs(uri: str, experiment: str, run_name: str):

@@ -1,0 +1,107 @@
+"""What a sweep consists of: its training trials (training-time arms × seeds) and the sampling-time
+arms every trained checkpoint is evaluated at.
+
+Axes combine one at a time by default: the reference run (every axis at its reference arm) plus one
+run per other arm of each axis, so an axis's effect is read against the same reference. A preset may
+ask for the full product of its training axes instead (`combine: product`).
+
+    plan = load_preset("critical_details")           # ablations/presets/critical_details.yaml
+    for trial in plan.trials(): trial.overrides()     # every training axis's arm, then "train.seed=N"
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from .axes import get_axis
+
+PRESETS = Path(__file__).parent / "presets"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One training run of a sweep: the arm of every training-time axis of the sweep, and its seed.
+    Reference arms are set explicitly too: the base config need not sit at them."""
+
+    arms: tuple[tuple[str, str], ...]  # ((axis name, arm), ...) for every training-time axis
+    seed: int
+
+    @property
+    def moved(self) -> tuple[tuple[str, str], ...]:
+        """The arms off the reference."""
+        return tuple((axis, arm) for axis, arm in self.arms if arm != get_axis(axis).reference)
+
+    @property
+    def name(self) -> str:
+        moved = ",".join(f"{axis}={arm}" for axis, arm in self.moved) or "reference"
+        return f"{moved}-s{self.seed}"
+
+    def overrides(self) -> list[str]:
+        return [o for axis, arm in self.arms for o in get_axis(axis).overrides(arm)] + [f"train.seed={self.seed}"]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    name: str
+    config: str  # the base experiment config (YAML path)
+    axes: dict[str, tuple[str, ...]]  # axis name -> the arms swept (the reference arm always among them)
+    seeds: int
+    overrides: tuple[str, ...] = ()  # --set overrides on the base config, for every trial
+    combine: Literal["one_at_a_time", "product"] = "one_at_a_time"
+    description: str = ""
+
+    def __post_init__(self):
+        if self.seeds < 1:
+            raise ValueError(f"sweep {self.name}: seeds must be at least 1 (got {self.seeds})")
+        if not self.axes:
+            raise ValueError(f"sweep {self.name}: no axes")
+        for name, arms in self.axes.items():
+            axis = get_axis(name)
+            for arm in arms:
+                axis.overrides(arm)  # an unknown arm is named here
+            if axis.reference not in arms:
+                raise ValueError(f"sweep {self.name}: axis {name} must keep its reference arm {axis.reference!r}")
+
+    def of_kind(self, kind: str) -> dict[str, tuple[str, ...]]:
+        return {name: arms for name, arms in self.axes.items() if get_axis(name).kind == kind}
+
+    def trials(self) -> list[Trial]:
+        """Training runs, seed-major within each arm combination, reference first."""
+        training = self.of_kind("training")
+        reference = {name: get_axis(name).reference for name in training}
+        if self.combine == "product":
+            combos = [dict(zip(training, arms)) for arms in itertools.product(*training.values())]
+        else:
+            combos = [reference] + [{**reference, name: arm} for name, arms in training.items() for arm in arms
+                                    if arm != reference[name]]
+        return [Trial(tuple(combo.items()), seed) for combo in combos for seed in range(self.seeds)]
+
+    def sampling_arms(self) -> list[tuple[str, str]]:
+        """(axis, arm) pairs every checkpoint is evaluated at, one at a time from the reference settings;
+        the all-reference point first (it is every sampling axis's reference arm)."""
+        sampling = self.of_kind("sampling")
+        return [("reference", "reference")] + [(name, arm) for name, arms in sampling.items() for arm in arms
+                                                if arm != get_axis(name).reference]
+
+    def sampling_overrides(self, axis: str, arm: str) -> list[str]:
+        """The reference arm of every sampling axis, with `axis` moved to `arm`."""
+        sampling = self.of_kind("sampling")
+        return [o for name in sampling for o in get_axis(name).overrides(arm if name == axis else get_axis(name).reference)]
+
+
+def load_preset(name: str) -> SweepPlan:
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+        raise FileNotFoundError(f"no sweep preset {name!r} (presets: {known})")
+    spec = yaml.safe_load(path.read_text())
+    axes = {axis: tuple(str(a) for a in arms) if arms else get_axis(axis).arms for axis, arms in spec["axes"].items()}
+    return SweepPlan(name=name, config=str(PROJECT_ROOT / spec["config"]), axes=axes, seeds=int(spec["seeds"]),
+                     overrides=tuple(spec.get("set", [])), combine=spec.get("combine", "one_at_a_time"),
+                     description=spec.get("description", ""))

@@ -1,0 +1,160 @@
+"""Run an ablation sweep with Ray Tune: every training trial (training-time arms × seeds) trains with Ray
+Train, then its checkpoint is evaluated at every sampling-time arm without retraining.
+
+    python -m ablations.sweep --preset critical_details [--set k=v ...]
+    python -m ablations.sweep --axes pos_emb,cfg_scale --seeds 3 [--config C] [--set k=v ...]
+    ray job submit --working-dir . -- python -m ablations.sweep --preset critical_details
+
+The sweep's name is the preset (or axes) plus a hash of everything that defines it, so running the
+same command again continues it: finished trials are kept, unfinished and failed ones run again (and
+a trial's training resumes from its own last checkpoint). A failed trial is recorded with its error
+and does not stop the others. MLflow: the experiment is named after the sweep; one parent run for the
+sweep, one nested run per trial (the training run, tagged axis arms and seed), and under each trial
+the nested eval runs of its sampling-time arms. At the end the report (ablations.report) is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from eval.evaluate import evaluate
+from experiments.tracking import Tracker, default_uri
+from experiments.train import Faults, check_inputs, fit
+from mmdit_core.config import ConfigError, build_config, load_config
+
+from .axes import AXES, get_axis
+from .plan import PROJECT_ROOT, SweepPlan, Trial, load_preset
+from .report import report
+
+STORAGE = "outputs/sweeps"
+
+
+def sweep_name(plan: SweepPlan) -> str:
+    definition = json.dumps({"config": load_config(plan.config).to_dict(), "axes": plan.axes, "seeds": plan.seeds,
+                             "overrides": plan.overrides, "combine": plan.combine}, sort_keys=True)
+    return f"{plan.name}-{hashlib.sha256(definition.encode()).hexdigest()[:8]}"
+
+
+def trial_config(plan: SweepPlan, name: str, trial: Trial, extra: list[str] | None = None):
+    """The trial's resolved config; its `name` is the sweep's, so all its runs share the sweep's experiment."""
+    return load_config(plan.config, [*plan.overrides, *trial.overrides(), f"name={name}", *(extra or [])])
+
+
+def trial_of(space: dict[str, Any]) -> Trial:
+    """The trial of a Tune config (arms come back as lists after Tune stores them)."""
+    return Trial(tuple(tuple(pair) for pair in space["arms"]), space["seed"])
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """One Tune trial: train (or resume) the trial's run, then evaluate it at every sampling-time arm."""
+    from ray import tune
+
+    sweep = config["sweep"]
+    if Path(sweep["cwd"]).is_dir():  # Tune starts a trial in its own directory; config paths are relative to the sweep's
+        os.chdir(sweep["cwd"])
+    plan, trial = SweepPlan(**sweep["plan"]), trial_of(config["trial"])
+    cfg = trial_config(plan, sweep["name"], trial)
+    tags = {"mlflow.parentRunId": sweep["parent_run_id"], "sweep": sweep["name"], "trial": trial.name,
+            **{f"arm.{axis}": arm for axis, arm in trial.arms}}
+    summary = fit(cfg, tracking_uri=sweep["tracking_uri"], tags=tags, faults=Faults(**sweep["faults"].get(trial.name, {})))
+    if summary.get("status") != "FINISHED" or not summary.get("checkpoint"):
+        raise RuntimeError(f"trial {trial.name}: training ended {summary.get('status')} without a checkpoint")
+    results: dict[str, Any] = {"trial": trial.name, "run_name": summary["run_name"], "val_loss": summary["val_loss"]}
+    for axis, arm in plan.sampling_arms():
+        report = evaluate(summary["checkpoint"], overrides=plan.sampling_overrides(axis, arm),
+                          tracking_uri=sweep["tracking_uri"], verbose=False)
+        metrics = report["points"][0]["metrics"]
+        results.update({f"{axis}={arm}/{k}": v for k, v in metrics.items()})
+    tune.report(results)
+
+
+def run(plan: SweepPlan, *, tracking_uri: str | None = None, address: str | None = None,
+        storage: str = STORAGE, faults: dict[str, Faults] | None = None) -> dict[str, Any]:
+    """Run or continue the sweep; returns its name, MLflow parent run id and per-trial outcome.
+    `faults`: fault drills by trial name (train's one-shot drills: a rerun of the sweep runs clean)."""
+    import ray
+    from ray import tune
+
+    name, uri = sweep_name(plan), tracking_uri or default_uri()
+    trials = plan.trials()
+    for trial in trials:  # a bad arm or missing data is refused before anything starts
+        check_inputs(trial_config(plan, name, trial))
+    base = trial_config(plan, name, trials[0])
+    parent = Tracker(uri, name, name, backlog=Path(storage) / name / "tracking_backlog.jsonl",
+                     tags={"sweep": name, "preset": plan.name, "axes": ",".join(plan.axes), "seeds": str(plan.seeds)})
+    parent.log_params({"sweep.axes": json.dumps(plan.axes), "sweep.seeds": plan.seeds, "sweep.combine": plan.combine,
+                       "sweep.config": plan.config, "sweep.overrides": json.dumps(plan.overrides)})
+    if not parent.wait_ready(30):
+        parent.close()
+        raise SystemExit(f"error: MLflow at {uri} does not answer; a sweep needs its parent run before trials start")
+    parent_id = parent.result.run_id
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    per_trial = base.train.num_workers * base.train.cpus_per_worker
+    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+    space = {"sweep": {"plan": dict(plan.__dict__), "name": name, "parent_run_id": parent_id, "tracking_uri": uri,
+                       "cwd": os.getcwd(), "faults": {k: asdict(v) for k, v in (faults or {}).items()}},
+             "trial": tune.grid_search([{"arms": t.arms, "seed": t.seed} for t in trials])}
+    # The trial process only waits on Ray Train, then evaluates: the training workers hold the CPUs. Ray
+    # refuses an empty request, so the trial asks for a token of memory instead of a CPU.
+    trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": 2**20})
+    path = str(Path(storage).resolve() / name)
+    if tune.Tuner.can_restore(path):
+        print(f"continuing sweep {name}: finished trials are kept, unfinished and failed ones run again")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=space,
+                           tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+                           run_config=tune.RunConfig(name=name, storage_path=str(Path(storage).resolve())))
+    grid = tuner.fit()
+    outcome = {trial_of(r.config["trial"]).name: f"FAILED: {str(r.error).splitlines()[0]}" if r.error else "FINISHED"
+               for r in grid}
+    failed = sum(v != "FINISHED" for v in outcome.values())
+    parent.set_tags({"trials_failed": str(failed), "trials": str(len(outcome))})
+    parent.set_status("FAILED" if failed == len(outcome) else "FINISHED", f"{failed} trials failed" if failed else None)
+    print(parent.close().summary())
+    return {"sweep": name, "mlflow_parent_run_id": parent_id, "trials": outcome, "failed": failed}
+
+
+def plan_from_args(args: argparse.Namespace) -> SweepPlan:
+    if args.preset:
+        plan = load_preset(args.preset)
+        return SweepPlan(**{**plan.__dict__, "overrides": (*plan.overrides, *args.overrides),
+                            "seeds": args.seeds or plan.seeds})
+    axes = {name: get_axis(name).arms for name in args.axes.split(",")}
+    return SweepPlan(name="_".join(axes), config=str(Path(args.config).resolve()), axes=axes, seeds=args.seeds or 1,
+                     overrides=tuple(args.overrides))
+
+
+def main(argv=None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", help="a preset in ablations/presets (critical_details, sd3_timesteps, architecture)")
+    which.add_argument("--axes", help=f"comma-separated axes, all arms each: {', '.join(AXES)}")
+    parser.add_argument("--config", default=str(PROJECT_ROOT / "experiments/configs/demo.yaml"), help="base config (with --axes)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's, else 1)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    args = parser.parse_args(argv)
+    try:
+        plan = plan_from_args(args)
+        build_config(load_config(plan.config).to_dict(), list(plan.overrides))  # refuse a bad --set at once
+    except (ConfigError, KeyError, ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    result = run(plan, tracking_uri=args.tracking_uri, address=args.address)
+    print(json.dumps(result, indent=2))
+    written = report(result["sweep"], args.tracking_uri)
+    print(f"report: {written['files'][0]} (python -m ablations.report --sweep {result['sweep']} writes it again)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

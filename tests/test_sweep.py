@@ -1,0 +1,73 @@
+"""A smoke sweep through Ray Tune: one training run per training arm × seed, sampling arms evaluated on
+each checkpoint without retraining, nested MLflow runs, and a rerun that adds nothing."""
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from ablations import report, sweep
+from ablations.plan import SweepPlan
+from experiments import prepare_data
+from experiments.train import Faults
+from experiments.tracking import RUN_KEY_TAG
+from mmdit_core.config import load_config
+
+TINY = Path(__file__).parent / "tiny_train.yaml"
+
+
+def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_ray):
+    overrides = (f"data.root={tmp_path / 'scenes'}", f"text.cache_dir={tmp_path / 'text'}",
+                 f"train.storage_path={tmp_path / 'runs'}", f"eval.stats_dir={tmp_path / 'stats'}", "train.max_failures=0",
+                 "train.num_workers=1", "train.steps=4", "train.sample_every=0", "eval.num_samples=4", "eval.clip_model=null")
+    prepare_data.prepare(load_config(TINY, list(overrides)))
+    plan = SweepPlan("smoke", str(TINY), {"sdpa_layout": ("heads_first", "seq_first"), "cfg_scale": ("1.0", "2.0")},
+                     seeds=1, overrides=overrides)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    storage = str(tmp_path / "sweeps")
+    crashed = sweep.run(plan, tracking_uri=uri, storage=storage, faults={"sdpa_layout=seq_first-s0": Faults(kill_at_step=3)})
+    assert crashed["failed"] == 1 and crashed["trials"]["reference-s0"] == "FINISHED"
+    assert crashed["trials"]["sdpa_layout=seq_first-s0"].startswith("FAILED")
+    result = sweep.run(plan, tracking_uri=uri, storage=storage)  # the same command again: only the failed trial runs
+    assert result["sweep"] == crashed["sweep"] and result["failed"] == 0
+    assert set(result["trials"]) == {"reference-s0", "sdpa_layout=seq_first-s0"}
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(result["sweep"]).experiment_id
+    (parent,) = client.search_runs([experiment], f"tags.`{RUN_KEY_TAG}` = '{result['sweep']}'")
+    trials = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["trial"] for r in trials) == ["reference-s0", "sdpa_layout=seq_first-s0"]
+    for run in trials:  # trained once, evaluated at both CFG scales
+        assert run.info.status == "FINISHED" and run.data.tags["arm.sdpa_layout"] in ("heads_first", "seq_first")
+        evals = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        assert sorted(r.data.tags["cfg_scale"] for r in evals) == ["1", "2"]
+        assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 1  # trained once, never twice
+    assert len(list((tmp_path / "runs").iterdir())) == 2  # one training run directory per trial
+    assert len(client.search_runs([experiment], "")) == 1 + 2 + 4  # no duplicate runs after the rerun
+
+    written = report.report(result["sweep"], uri, tmp_path / "report")
+    text = (tmp_path / "report" / "report.md").read_text()
+    for arm in ("heads_first", "seq_first", "| 1.0 |", "| 2.0 |"):
+        assert arm in text, arm
+    assert "too few for confident intervals" in text and (tmp_path / "report" / "sdpa_layout.png").is_file()
+    assert written["summary"]["cfg_scale"]["eval/fid"]["2.0"]["mean"].n == 1
+
+
+def test_report_summary_reads_each_axis_against_its_reference_with_intervals():
+    def obs(pos_emb, cfg_scale, seed, position, fid):
+        return report.Observation({"pos_emb": pos_emb}, {"cfg_scale": cfg_scale}, seed,
+                                  {"eval/adherence_position": position, "eval/fid": fid})
+
+    axes = {"pos_emb": ["learned", "none"], "cfg_scale": ["1.0", "4.0"]}
+    observations = [obs("learned", "1.0", s, 0.9 + 0.01 * s, 50.0 + s) for s in range(3)]
+    observations += [obs("learned", "4.0", s, 0.95 + 0.01 * s, 50.5 + s) for s in range(3)]
+    observations += [obs("none", "1.0", s, 0.2 + 0.02 * s, 80.0 + s) for s in range(3)]
+    observations += [obs("none", "4.0", s, 0.3, 90.0) for s in range(3)]  # never read: both axes off reference
+    summary = report.summarise(observations, axes)
+    none = summary["pos_emb"]["eval/adherence_position"]["none"]
+    assert none["mean"].n == 3 and none["diff"].mean < 0 and none["verdict"] == "worse"
+    assert summary["pos_emb"]["eval/fid"]["none"]["verdict"] == "worse"  # higher FID is worse
+    assert summary["cfg_scale"]["eval/adherence_position"]["4.0"]["diff"].mean > 0
+    assert summary["cfg_scale"]["eval/adherence_position"]["4.0"]["verdict"] == "better"
+    assert summary["pos_emb"]["eval/fid"]["learned"]["verdict"] == "reference"
+    text = report.markdown("s", summary, seeds=3)
+    assert "| position adherence | none | 3 |" in text and "too few" not in text
