@@ -41,9 +41,9 @@ def sweep_name(plan: SweepPlan) -> str:
     return f"{plan.name}-{hashlib.sha256(definition.encode()).hexdigest()[:8]}"
 
 
-def trial_config(plan: SweepPlan, name: str, trial: Trial, extra: list[str] | None = None):
+def trial_config(plan: SweepPlan, name: str, trial: Trial):
     """The trial's resolved config; its `name` is the sweep's, so all its runs share the sweep's experiment."""
-    return load_config(plan.config, [*plan.overrides, *trial.overrides(), f"name={name}", *(extra or [])])
+    return load_config(plan.config, [*plan.overrides, *trial.overrides(), f"name={name}"])
 
 
 def trial_of(space: dict[str, Any]) -> Trial:
@@ -65,13 +65,18 @@ def run_trial(config: dict[str, Any]) -> None:
     summary = fit(cfg, tracking_uri=sweep["tracking_uri"], tags=tags, faults=Faults(**sweep["faults"].get(trial.name, {})))
     if summary.get("status") != "FINISHED" or not summary.get("checkpoint"):
         raise RuntimeError(f"trial {trial.name}: training ended {summary.get('status')} without a checkpoint")
-    results: dict[str, Any] = {"trial": trial.name, "run_name": summary["run_name"], "val_loss": summary["val_loss"]}
+    results: dict[str, float] = {}
     for axis, arm in plan.sampling_arms():
-        report = evaluate(summary["checkpoint"], overrides=plan.sampling_overrides(axis, arm),
-                          tracking_uri=sweep["tracking_uri"], verbose=False)
-        metrics = report["points"][0]["metrics"]
-        results.update({f"{axis}={arm}/{k}": v for k, v in metrics.items()})
-    tune.report(results)
+        evaluated = evaluate(summary["checkpoint"], overrides=plan.sampling_overrides(axis, arm),
+                             tracking_uri=sweep["tracking_uri"], verbose=False)
+        prefix = "eval" if axis == "reference" else f"eval_{axis}_{arm}"
+        results.update({f"{prefix}/{k}": v for k, v in evaluated["points"][0]["metrics"].items()})
+    # on the trial's own run too, so comparing trial runs in the MLflow UI shows their eval results side by side
+    tracker = Tracker(sweep["tracking_uri"], cfg.name, cfg.run_name(),
+                      backlog=Path(summary["grid"]).parent.parent / "tracking_backlog.jsonl")
+    tracker.log_metrics(results, summary["steps"])
+    tracker.close()
+    tune.report({"trial": trial.name, "val_loss": summary["val_loss"], **results})
 
 
 def run(plan: SweepPlan, *, tracking_uri: str | None = None, address: str | None = None,

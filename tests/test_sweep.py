@@ -41,6 +41,7 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
         evals = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
         assert sorted(r.data.tags["cfg_scale"] for r in evals) == ["1", "2"]
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 1  # trained once, never twice
+        assert {"eval/fid", "eval/adherence_position", "eval_cfg_scale_2.0/fid"} <= set(run.data.metrics)
     assert len(list((tmp_path / "runs").iterdir())) == 2  # one training run directory per trial
     assert len(client.search_runs([experiment], "")) == 1 + 2 + 4  # no duplicate runs after the rerun
 
