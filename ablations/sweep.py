@@ -26,7 +26,7 @@ from typing import Any
 from eval.evaluate import evaluate
 from experiments.tracking import Tracker, default_uri
 from experiments.train import Faults, check_inputs, fit
-from mmdit_core.config import ConfigError, build_config, load_config
+from mmdit_core.config import ConfigError, load_config
 
 from .axes import AXES, get_axis
 from .plan import PROJECT_ROOT, SweepPlan, Trial, load_preset
@@ -151,7 +151,7 @@ def main(argv=None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     try:
         plan = plan_from_args(args)
-        build_config(load_config(plan.config).to_dict(), list(plan.overrides))  # refuse a bad --set at once
+        load_config(plan.config, list(plan.overrides))  # refuse a bad --set at once
     except (ConfigError, KeyError, ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
     result = run(plan, tracking_uri=args.tracking_uri, address=args.address)

@@ -238,15 +238,17 @@ def log_to_mlflow(uri: str, trained: ExperimentConfig, report: dict[str, Any], o
     return children
 
 
-def evaluate(checkpoint: str | Path, settings: list[Setting] | None = None, *, overrides: list[str] | None = None,
-             out: str | Path | None = None, tracking_uri: str | None = None,
-             device: str | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Score one checkpoint at every setting (default: its own sample settings); returns the report."""
+def evaluate(checkpoint: str | Path, *, samplers: list[str] | None = None, steps: list[int] | None = None,
+             scales: list[float] | None = None, overrides: list[str] | None = None, out: str | Path | None = None,
+             tracking_uri: str | None = None, device: str | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Score one checkpoint at every grid point of samplers × steps × CFG scales (each defaulting to the
+    checkpoint's own sample setting); returns the report."""
     path = resolve_checkpoint(checkpoint)
     trained = read_config(path)
     cfg = build_config(trained.to_dict(), overrides)
     device = torch.device(device or ("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"))
-    settings = settings or [Setting.of(cfg.sample)]
+    sample = cfg.sample
+    settings = settings_grid(samplers or [sample.sampler], steps or [sample.steps], scales or [sample.cfg_scale])
     for setting in settings:
         setting.sample_config(cfg.sample)  # refuse a bad grid before any work
     model = MMDiT(cfg.model)
@@ -293,11 +295,8 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the config trains on GPUs)")
     args = parser.parse_args(argv)
     try:
-        path = resolve_checkpoint(args.checkpoint)
-        sample = build_config(read_config(path).to_dict(), args.overrides).sample
-        settings = settings_grid(args.sampler or [sample.sampler], args.steps or [sample.steps], args.cfg or [sample.cfg_scale])
-        report = evaluate(path, settings, overrides=args.overrides, out=args.out,
-                          tracking_uri=args.tracking_uri, device=args.device)
+        report = evaluate(args.checkpoint, samplers=args.sampler, steps=args.steps, scales=args.cfg,
+                          overrides=args.overrides, out=args.out, tracking_uri=args.tracking_uri, device=args.device)
     except (CheckpointError, ConfigError, FileNotFoundError, KeyError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"\nreport: {report['out']}/report.md\n")

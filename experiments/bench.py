@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eval.evaluate import Setting
 from eval.fid import Inception, Statistics, fid
 from mmdit_core.config import ExperimentConfig
 from mmdit_core.data.latents import decode_latent_sample
@@ -66,7 +67,7 @@ def sampling_throughput(cfg: ExperimentConfig, steps: int, cfg_scale: float, bat
     noise = torch.randn(batch, m.in_channels, m.input_size, m.input_size)
     text = Conditioning(torch.randn(batch, cfg.text.max_length, m.text_dim), torch.ones(batch, cfg.text.max_length, dtype=torch.bool),
                         torch.randn(batch, m.pooled_dim))
-    sample = cfg.sample.model_copy(update={"steps": steps, "cfg_scale": cfg_scale, "sampler": "euler"})
+    sample = Setting("euler", steps, cfg_scale).sample_config(cfg.sample)
     return batch / median_seconds(lambda: generate(model, flow, noise, text, text[:1], sample), repeats)
 
 
