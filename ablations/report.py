@@ -5,8 +5,10 @@ seeds, its difference to the reference arm (paired by seed) with a CI, and a pla
 
 A training-time arm is read from the trials that move only that axis off its reference (at the
 reference sampling settings); a sampling-time arm from the reference trials evaluated at that arm.
-Writes report.md, report.html and one PNG per axis (every metric per arm with error bars) to
-outputs/sweeps/<NAME>/report/ and logs them as artifacts of the sweep's parent run.
+Writes report.md (a headline table first), report.html, samples.png (each trained variant's samples
+at the reference sampling settings), one PNG per axis (every metric per arm with error bars) and one
+per sampling axis with a curve per trained variant (e.g. FID against the CFG scale for each training
+arm) to outputs/sweeps/<NAME>/report/ and logs them as artifacts of the sweep's parent run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from experiments.figures import titled_row  # noqa: E402
 from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri  # noqa: E402
 
 from .axes import get_axis  # noqa: E402
@@ -36,6 +41,8 @@ METRICS = {
     "eval/clip_score": ("CLIP score", True), "val/loss": ("final val loss", False),
     "train/img_per_s": ("train images/s", True), "wall_s": ("wall time (s)", False),
 }
+HEADLINE = ("eval/fid", "eval/kid", "eval/adherence_position", "eval/adherence_whole", "val/loss")
+TRAINED = ("val/loss", "train/img_per_s", "wall_s")  # properties of the training run: no sampling arm moves them
 SAMPLING_FIELDS = {"sample.cfg_scale": "cfg_scale", "sample.steps": "steps", "sample.sampler": "sampler", "eval.weights": "weights"}
 
 
@@ -47,6 +54,7 @@ class Observation:
     sampling: dict[str, str]  # sampling axis -> arm
     seed: int
     metrics: dict[str, float]
+    run_id: str = ""  # the eval run: its sample grid is an artifact
 
 
 def _same(a: str, b: str) -> bool:
@@ -70,7 +78,7 @@ def observations(client, experiment_id: str, parent_id: str, axes: dict[str, lis
                 value = ev.data.params[SAMPLING_FIELDS[get_axis(name).field]]
                 sampling[name] = next((arm for arm in axes[name] if _same(arm, value)), value)
             metrics = {k: v for k, v in ev.data.metrics.items() if k in METRICS}
-            found.append(Observation(training, sampling, int(trial.data.tags["seed"]), {**trained, **metrics}))
+            found.append(Observation(training, sampling, int(trial.data.tags["seed"]), {**trained, **metrics}, ev.info.run_id))
     return found
 
 
@@ -92,6 +100,8 @@ def summarise(obs: list[Observation], axes: dict[str, list[str]]) -> dict[str, A
         rows, reference = arm_rows(obs, axes, axis), get_axis(axis).reference
         per_metric: dict[str, Any] = {}
         for metric, (_, higher) in METRICS.items():
+            if metric in TRAINED and get_axis(axis).kind == "sampling":
+                continue
             ref = {seed: o.metrics[metric] for seed, o in rows.get(reference, {}).items() if metric in o.metrics}
             table = {}
             for arm in axes[axis]:
@@ -105,6 +115,24 @@ def summarise(obs: list[Observation], axes: dict[str, list[str]]) -> dict[str, A
                 per_metric[metric] = table
         out[axis] = per_metric
     return out
+
+
+def training_label(o: Observation) -> str:
+    """The training arms an observation's trial moved off the reference, e.g. "pos_emb=none"."""
+    return ",".join(f"{a}={v}" for a, v in o.training.items() if not _same(v, get_axis(a).reference)) or "reference"
+
+
+def sampling_curves(obs: list[Observation], axes: dict[str, list[str]], sampling_axis: str,
+                    metric: str) -> dict[str, dict[str, Interval]]:
+    """{training arms: {sampling arm: mean over seeds}}: every trained variant across one sampling axis,
+    the other sampling axes at their reference (how, e.g., CFG interacts with each training arm)."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for o in obs:
+        others_at_reference = all(_same(v, get_axis(a).reference) for a, v in o.sampling.items() if a != sampling_axis)
+        if others_at_reference and metric in o.metrics:
+            values.setdefault(training_label(o), {}).setdefault(o.sampling[sampling_axis], []).append(o.metrics[metric])
+    return {label: {arm: mean_interval(by_arm[arm]) for arm in axes[sampling_axis] if arm in by_arm}
+            for label, by_arm in values.items()}
 
 
 def _interval(i: Interval | None, scale: float = 1.0) -> str:
@@ -129,10 +157,36 @@ def tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     return out
 
 
+def _difference(cell: dict[str, Any]) -> str:
+    d = cell["diff"]
+    if d is None or not d.known:
+        return _interval(d) if d else "-"
+    mark = {"better": " (better)", "worse": " (worse)"}.get(cell["verdict"], "")
+    return f"{d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]{mark}"
+
+
+def headline(summary: dict[str, Any]) -> list[str]:
+    """One Markdown table of the headline metrics: the reference run's mean (every axis at its reference
+    arm: the same trials for every axis), then every other arm's paired difference to it with its 95% CI,
+    and the verdict where the interval excludes 0."""
+    metrics = [m for m in HEADLINE if any(m in per_metric for per_metric in summary.values())]
+    lines = ["| arm | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    reference = {m: cell["mean"] for per_metric in summary.values() for m, table in per_metric.items()
+                 for cell in table.values() if cell["verdict"] == "reference"}
+    lines.append("| reference: mean [95% CI] | " + " | ".join(_interval(reference.get(m)) for m in metrics) + " |")
+    for axis, per_metric in summary.items():
+        arms = list(dict.fromkeys(arm for m in metrics for arm in per_metric.get(m, {}) if arm != get_axis(axis).reference))
+        for arm in arms:
+            cells = [per_metric.get(m, {}).get(arm) for m in metrics]
+            lines.append(f"| {axis}={arm}: difference | " + " | ".join("-" if c is None else _difference(c) for c in cells) + " |")
+    return lines
+
+
 def markdown(name: str, summary: dict[str, Any], seeds: int) -> str:
     lines = [f"# Sweep {name}", ""]
     if seeds < 3:
         lines += [f"**{seeds} seed(s) per arm: too few for confident intervals** (95% t-intervals widen sharply below 3).", ""]
+    lines += ["## Headline", "", *headline(summary), ""]
     for title, header, rows in tables(summary):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
@@ -166,6 +220,48 @@ def plot_axis(axis: str, per_metric: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_sampling_curves(obs: list[Observation], axes: dict[str, list[str]], sampling_axis: str, path: Path) -> bool:
+    """The headline eval metrics across one sampling axis, one line (mean ± 95% CI) per trained variant."""
+    metrics = [m for m in HEADLINE if m.startswith("eval/")]
+    curves = {m: sampling_curves(obs, axes, sampling_axis, m) for m in metrics}
+    metrics = [m for m in metrics if curves[m]]
+    if not metrics:
+        return False
+    arms = axes[sampling_axis]
+    fig, plots = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+    for ax, metric in zip(plots[0], metrics):
+        for label, by_arm in sorted(curves[metric].items()):
+            x = [arms.index(arm) for arm in by_arm]
+            means = list(by_arm.values())
+            errors = [(m.high - m.low) / 2 if m.known else 0.0 for m in means]
+            ax.errorbar(x, [m.mean for m in means], yerr=errors, marker="o", capsize=3, label=label)
+        ax.set_xticks(range(len(arms)), arms, fontsize=8)
+        ax.set_xlabel(sampling_axis, fontsize=8)
+        ax.set_title(METRICS[metric][0], fontsize=9)
+    plots[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def sample_sheet(client, obs: list[Observation], path: Path) -> bool:
+    """The sample grid of every trained variant's first seed at the reference sampling settings, side by side."""
+    firsts: dict[str, Observation] = {}
+    for o in sorted(obs, key=lambda o: o.seed):
+        if o.run_id and all(_same(v, get_axis(a).reference) for a, v in o.sampling.items()):
+            firsts.setdefault(training_label(o), o)
+    panels = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, o in sorted(firsts.items(), key=lambda item: item[0] != "reference"):
+            grids = [a.path for a in client.list_artifacts(o.run_id) if a.path.startswith("grid_")]
+            if grids:
+                panels.append((f"{label} (seed {o.seed})", Image.open(client.download_artifacts(o.run_id, grids[0], tmp)).convert("RGB")))
+    if panels:
+        titled_row(panels).save(path)
+    return bool(panels)
+
+
 def report(name: str, tracking_uri: str | None = None, out: str | Path | None = None) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
@@ -178,7 +274,8 @@ def report(name: str, tracking_uri: str | None = None, out: str | Path | None = 
     parent = parents[0]
     axes = json.loads(parent.data.params["sweep.axes"])
     seeds = int(parent.data.params["sweep.seeds"])
-    summary = summarise(observations(client, experiment.experiment_id, parent.info.run_id, axes), axes)
+    obs = observations(client, experiment.experiment_id, parent.info.run_id, axes)
+    summary = summarise(obs, axes)
     out = Path(out or Path("outputs/sweeps") / name / "report")
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md", out / "report.html"]
@@ -188,6 +285,11 @@ def report(name: str, tracking_uri: str | None = None, out: str | Path | None = 
         if per_metric:
             plot_axis(axis, per_metric, out / f"{axis}.png")
             files.append(out / f"{axis}.png")
+    if sample_sheet(client, obs, out / "samples.png"):
+        files.append(out / "samples.png")
+    for axis in (a for a in axes if get_axis(a).kind == "sampling"):
+        if plot_sampling_curves(obs, axes, axis, out / f"{axis}_by_trained_arm.png"):
+            files.append(out / f"{axis}_by_trained_arm.png")
     tracker = Tracker(uri, name, name, backlog=out / "tracking_backlog.jsonl")
     for file in files:
         tracker.log_artifact(file, "report")

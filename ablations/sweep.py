@@ -23,6 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from eval.evaluate import evaluate
 from experiments.tracking import Tracker, default_uri
 from experiments.train import Faults, check_inputs, fit
@@ -65,6 +67,8 @@ def run_trial(config: dict[str, Any]) -> None:
     summary = fit(cfg, tracking_uri=sweep["tracking_uri"], tags=tags, faults=Faults(**sweep["faults"].get(trial.name, {})))
     if summary.get("status") != "FINISHED" or not summary.get("checkpoint"):
         raise RuntimeError(f"trial {trial.name}: training ended {summary.get('status')} without a checkpoint")
+    # Ray starts this 0-CPU process with OMP_NUM_THREADS=1; the CPUs its training held are free for evaluation now
+    torch.set_num_threads(cfg.train.num_workers * cfg.train.cpus_per_worker)
     results: dict[str, float] = {}
     for axis, arm in plan.sampling_arms():
         evaluated = evaluate(summary["checkpoint"], overrides=plan.sampling_overrides(axis, arm),

@@ -37,6 +37,19 @@ def sample_grid(images: torch.Tensor, captions: list[str], cols: int = 4) -> Ima
     return grid
 
 
+def titled_row(panels: list[tuple[str, Image.Image]]) -> Image.Image:
+    """Images side by side, each under its title."""
+    font, title_h = ImageFont.load_default(), 18
+    width = sum(image.width for _, image in panels) + 8 * (len(panels) + 1)
+    row = Image.new("RGB", (width, max(image.height for _, image in panels) + title_h + 8), "white")
+    draw, x = ImageDraw.Draw(row), 8
+    for title, image in panels:
+        draw.text((x, 4), title, fill="black", font=font)
+        row.paste(image, (x, title_h))
+        x += image.width + 8
+    return row
+
+
 def trajectory_strip(trajectory: torch.Tensor, frames: int = 8) -> Image.Image:
     """(T, 3, H, W) states from noise (t=1) to data (t=0) -> `frames` evenly spaced tiles in a row."""
     picks = torch.linspace(0, trajectory.shape[0] - 1, frames).round().long()

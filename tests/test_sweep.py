@@ -50,10 +50,11 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
     for arm in ("heads_first", "seq_first", "| 1.0 |", "| 2.0 |"):
         assert arm in text, arm
     assert "too few for confident intervals" in text and (tmp_path / "report" / "sdpa_layout.png").is_file()
+    assert (tmp_path / "report" / "cfg_scale_by_trained_arm.png").is_file()
     assert written["summary"]["cfg_scale"]["eval/fid"]["2.0"]["mean"].n == 1
 
 
-def test_report_summary_reads_each_axis_against_its_reference_with_intervals():
+def test_report_summary_reads_each_axis_against_its_reference_with_intervals(tmp_path):
     def obs(pos_emb, cfg_scale, seed, position, fid):
         return report.Observation({"pos_emb": pos_emb}, {"cfg_scale": cfg_scale}, seed,
                                   {"eval/adherence_position": position, "eval/fid": fid})
@@ -72,3 +73,9 @@ def test_report_summary_reads_each_axis_against_its_reference_with_intervals():
     assert summary["pos_emb"]["eval/fid"]["learned"]["verdict"] == "reference"
     text = report.markdown("s", summary, seeds=3)
     assert "| position adherence | none | 3 |" in text and "too few" not in text
+    assert "| pos_emb=none: difference | +30 [+30, +30] (worse) |" in text  # headline: FID 80+s vs 50+s
+
+    curves = report.sampling_curves(observations, axes, "cfg_scale", "eval/fid")
+    assert set(curves) == {"reference", "pos_emb=none"}  # every trained variant, across every CFG arm
+    assert curves["pos_emb=none"]["4.0"].mean == 90.0 and curves["reference"]["4.0"].mean == 51.5
+    assert report.plot_sampling_curves(observations, axes, "cfg_scale", tmp_path / "curves.png")
