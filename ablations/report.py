@@ -64,12 +64,17 @@ def _same(a: str, b: str) -> bool:
         return a == b
 
 
+def _at_reference(arms: dict[str, str]) -> bool:
+    """Every axis in `arms` (axis -> arm) at its reference arm."""
+    return all(_same(arm, get_axis(axis).reference) for axis, arm in arms.items())
+
+
 def observations(client, experiment_id: str, parent_id: str, axes: dict[str, list[str]]) -> list[Observation]:
     sampling_axes = [name for name in axes if get_axis(name).kind == "sampling"]
     found = []
     for trial in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
         training = {k.removeprefix("arm."): v for k, v in trial.data.tags.items() if k.startswith("arm.")}
-        trained = {k: v for k, v in trial.data.metrics.items() if k in ("val/loss", "train/img_per_s")}
+        trained = {k: v for k, v in trial.data.metrics.items() if k in TRAINED}
         if trial.info.end_time:
             trained["wall_s"] = (trial.info.end_time - trial.info.start_time) / 1000
         for ev in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{trial.info.run_id}'"):
@@ -87,8 +92,7 @@ def arm_rows(obs: list[Observation], axes: dict[str, list[str]], axis: str) -> d
     rows: dict[str, dict[int, Observation]] = {}
     for o in obs:
         arms = {**o.training, **o.sampling}
-        others_at_reference = all(_same(arms[name], get_axis(name).reference) for name in axes if name != axis and name in arms)
-        if others_at_reference and axis in arms:
+        if axis in arms and _at_reference({name: arm for name, arm in arms.items() if name != axis and name in axes}):
             rows.setdefault(arms[axis], {})[o.seed] = o
     return rows
 
@@ -128,8 +132,7 @@ def sampling_curves(obs: list[Observation], axes: dict[str, list[str]], sampling
     the other sampling axes at their reference (how, e.g., CFG interacts with each training arm)."""
     values: dict[str, dict[str, list[float]]] = {}
     for o in obs:
-        others_at_reference = all(_same(v, get_axis(a).reference) for a, v in o.sampling.items() if a != sampling_axis)
-        if others_at_reference and metric in o.metrics:
+        if metric in o.metrics and _at_reference({a: v for a, v in o.sampling.items() if a != sampling_axis}):
             values.setdefault(training_label(o), {}).setdefault(o.sampling[sampling_axis], []).append(o.metrics[metric])
     return {label: {arm: mean_interval(by_arm[arm]) for arm in axes[sampling_axis] if arm in by_arm}
             for label, by_arm in values.items()}
@@ -210,8 +213,7 @@ def plot_axis(axis: str, per_metric: dict[str, Any], path: Path) -> None:
     for ax, metric in zip(axes[0], metrics):
         arms = list(per_metric[metric])
         means = [per_metric[metric][a]["mean"] for a in arms]
-        errors = [(m.high - m.low) / 2 if m.known else 0.0 for m in means]
-        ax.errorbar(range(len(arms)), [m.mean for m in means], yerr=errors, fmt="o", capsize=4)
+        ax.errorbar(range(len(arms)), [m.mean for m in means], yerr=[m.half_width for m in means], fmt="o", capsize=4)
         ax.set_xticks(range(len(arms)), arms, rotation=30, fontsize=7)
         ax.set_title(METRICS[metric][0], fontsize=9)
     fig.suptitle(axis)
@@ -233,8 +235,7 @@ def plot_sampling_curves(obs: list[Observation], axes: dict[str, list[str]], sam
         for label, by_arm in sorted(curves[metric].items()):
             x = [arms.index(arm) for arm in by_arm]
             means = list(by_arm.values())
-            errors = [(m.high - m.low) / 2 if m.known else 0.0 for m in means]
-            ax.errorbar(x, [m.mean for m in means], yerr=errors, marker="o", capsize=3, label=label)
+            ax.errorbar(x, [m.mean for m in means], yerr=[m.half_width for m in means], marker="o", capsize=3, label=label)
         ax.set_xticks(range(len(arms)), arms, fontsize=8)
         ax.set_xlabel(sampling_axis, fontsize=8)
         ax.set_title(METRICS[metric][0], fontsize=9)
@@ -249,7 +250,7 @@ def sample_sheet(client, obs: list[Observation], path: Path) -> bool:
     """The sample grid of every trained variant's first seed at the reference sampling settings, side by side."""
     firsts: dict[str, Observation] = {}
     for o in sorted(obs, key=lambda o: o.seed):
-        if o.run_id and all(_same(v, get_axis(a).reference) for a, v in o.sampling.items()):
+        if o.run_id and _at_reference(o.sampling):
             firsts.setdefault(training_label(o), o)
     panels = []
     with tempfile.TemporaryDirectory() as tmp:

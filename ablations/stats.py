@@ -27,10 +27,15 @@ class Interval:
     def known(self) -> bool:
         return self.n >= 2 and math.isfinite(self.low)
 
+    @property
+    def half_width(self) -> float:
+        """Half the interval's width (an error bar); 0 where there is no interval."""
+        return (self.high - self.low) / 2 if self.known else 0.0
+
     def __str__(self) -> str:
         if not self.known:
             return f"{self.mean:.4g} (n={self.n}, no interval)"
-        return f"{self.mean:.4g} ± {(self.high - self.low) / 2:.2g} (n={self.n})"
+        return f"{self.mean:.4g} ± {self.half_width:.2g} (n={self.n})"
 
 
 def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> Interval:
