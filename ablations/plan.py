@@ -82,13 +82,6 @@ class SweepPlan:
                                     if arm != reference[name]]
         return [Trial(tuple(combo.items()), seed) for combo in combos for seed in range(self.seeds)]
 
-    def sampling_arms(self) -> list[tuple[str, str]]:
-        """(axis, arm) pairs every checkpoint is evaluated at, one at a time from the reference settings;
-        the all-reference point first (it is every sampling axis's reference arm)."""
-        sampling = self.of_kind("sampling")
-        return [("reference", "reference")] + [(name, arm) for name, arms in sampling.items() for arm in arms
-                                                if arm != get_axis(name).reference]
-
     def sampling_overrides(self, axis: str, arm: str) -> list[str]:
         """The reference arm of every sampling axis, with `axis` moved to `arm`."""
         sampling = self.of_kind("sampling")

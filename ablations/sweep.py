@@ -35,6 +35,7 @@ from .plan import PROJECT_ROOT, SweepPlan, Trial, load_preset
 from .report import report
 
 STORAGE = "outputs/sweeps"
+GRID_ARGS = {"sample.sampler": ("samplers", str), "sample.steps": ("steps", int), "sample.cfg_scale": ("scales", float)}  # evaluate()'s grid
 
 
 def sweep_name(plan: SweepPlan) -> str:
@@ -53,6 +54,36 @@ def trial_of(space: dict[str, Any]) -> Trial:
     return Trial(tuple(tuple(pair) for pair in space["arms"]), space["seed"])
 
 
+def evaluate_arms(plan: SweepPlan, checkpoint: str, tracking_uri: str) -> dict[str, float]:
+    """The checkpoint's eval metrics at every sampling-time arm: `eval/<metric>` at the reference, else
+    `eval_<axis>_<arm>/<metric>`. A sampler, steps or CFG axis is one evaluate() call over its arms (its
+    grid), so the text encoder, Inception and validation loss are set up once per axis, not once per arm."""
+    reference = plan.sampling_overrides("reference", "reference")
+    results: dict[str, float] = {}
+
+    def record(axis: str, arm: str, metrics: dict[str, float]):
+        prefix = "eval" if arm == get_axis(axis).reference else f"eval_{axis}_{arm}"
+        results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
+
+    def points(overrides: list[str], **grid) -> list[dict[str, Any]]:
+        return evaluate(checkpoint, overrides=overrides, tracking_uri=tracking_uri, verbose=False, **grid)["points"]
+
+    sampling = plan.of_kind("sampling")
+    if not any(get_axis(name).field in GRID_ARGS for name in sampling):
+        results.update({f"eval/{k}": v for k, v in points(reference)[0]["metrics"].items()})
+    for name, arms in sampling.items():
+        axis = get_axis(name)
+        if axis.field in GRID_ARGS:  # each such grid holds the reference point: scored again, with the same noise
+            arg, kind = GRID_ARGS[axis.field]
+            for arm, point in zip(arms, points(reference, **{arg: [kind(a) for a in arms]})):
+                record(name, arm, point["metrics"])
+        else:
+            for arm in arms:
+                if arm != axis.reference:
+                    record(name, arm, points(plan.sampling_overrides(name, arm))[0]["metrics"])
+    return results
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """One Tune trial: train (or resume) the trial's run, then evaluate it at every sampling-time arm."""
     from ray import tune
@@ -69,12 +100,7 @@ def run_trial(config: dict[str, Any]) -> None:
         raise RuntimeError(f"trial {trial.name}: training ended {summary.get('status')} without a checkpoint")
     # Ray starts this 0-CPU process with OMP_NUM_THREADS=1; the CPUs its training held are free for evaluation now
     torch.set_num_threads(cfg.train.num_workers * cfg.train.cpus_per_worker)
-    results: dict[str, float] = {}
-    for axis, arm in plan.sampling_arms():
-        evaluated = evaluate(summary["checkpoint"], overrides=plan.sampling_overrides(axis, arm),
-                             tracking_uri=sweep["tracking_uri"], verbose=False)
-        prefix = "eval" if axis == "reference" else f"eval_{axis}_{arm}"
-        results.update({f"{prefix}/{k}": v for k, v in evaluated["points"][0]["metrics"].items()})
+    results = evaluate_arms(plan, summary["checkpoint"], sweep["tracking_uri"])
     # on the trial's own run too, so comparing trial runs in the MLflow UI shows their eval results side by side
     tracker = Tracker(sweep["tracking_uri"], cfg.name, cfg.run_name(),
                       backlog=Path(summary["grid"]).parent.parent / "tracking_backlog.jsonl")

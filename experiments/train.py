@@ -341,6 +341,8 @@ def fit(cfg: ExperimentConfig, *, tracking_uri: str | None = None, address: str 
 
     # Workers keep the driver's (or the job's) working directory, so relative data paths mean the same there.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    # Train's print patch sends a worker's print both to its stdout and through its logger: every line twice
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     status, error, summary = "FAILED", None, {"run_name": name}
     # Signal handlers belong to the main thread; a Ray Tune trial runs fit() in another one (Tune handles its stop).
     handles_sigterm = threading.current_thread() is threading.main_thread()

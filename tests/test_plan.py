@@ -15,7 +15,7 @@ def test_critical_details_trains_each_arm_once_per_seed_and_samples_the_rest():
     # the reference run sets every reference arm explicitly: the demo config itself uses 2-D RoPE
     assert trials[0].overrides() == ["model.sdpa_layout=heads_first", "model.pos_emb=learned", "flow.loss_space=latent", "train.seed=0"]
     assert len(trials) == 4 * 3  # cfg_scale is sampling-time: no trial of its own
-    assert plan.sampling_arms() == [("reference", "reference"), ("cfg_scale", "2.0"), ("cfg_scale", "4.0"), ("cfg_scale", "7.0")]
+    assert plan.of_kind("sampling") == {"cfg_scale": ("1.0", "2.0", "4.0", "7.0")}
     assert plan.sampling_overrides("cfg_scale", "4.0") == ["sample.cfg_scale=4.0"]
     assert plan.sampling_overrides("reference", "reference") == ["sample.cfg_scale=1.0"]
     assert Trial((("pos_emb", "none"),), 2).overrides() == ["model.pos_emb=none", "train.seed=2"]
@@ -30,8 +30,9 @@ def test_every_preset_trial_builds_a_valid_config(preset):
     for trial in plan.trials():
         cfg = load_config(plan.config, [*plan.overrides, *trial.overrides()])
         names.add(cfg.run_name())
-        for axis, arm in plan.sampling_arms():
-            load_config(plan.config, [*plan.overrides, *trial.overrides(), *plan.sampling_overrides(axis, arm)])
+        for axis, arms in plan.of_kind("sampling").items():
+            for arm in arms:
+                load_config(plan.config, [*plan.overrides, *trial.overrides(), *plan.sampling_overrides(axis, arm)])
     assert len(names) == len(plan.trials())  # every trial is its own training run
 
 

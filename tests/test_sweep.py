@@ -79,3 +79,26 @@ def test_report_summary_reads_each_axis_against_its_reference_with_intervals(tmp
     assert set(curves) == {"reference", "pos_emb=none"}  # every trained variant, across every CFG arm
     assert curves["pos_emb=none"]["4.0"].mean == 90.0 and curves["reference"]["4.0"].mean == 51.5
     assert report.plot_sampling_curves(observations, axes, "cfg_scale", tmp_path / "curves.png")
+
+
+def test_sampling_arms_of_one_grid_axis_share_one_evaluation(monkeypatch):
+    calls = []
+
+    def fake_evaluate(checkpoint, *, overrides, samplers=None, steps=None, scales=None, **_):
+        calls.append((tuple(overrides), samplers, steps, scales))
+        grid = [(s, n, c) for s in samplers or ["euler"] for n in steps or [25] for c in scales or [1.0]]
+        return {"points": [{"metrics": {"fid": 100 * c + n + (s == "heun") + ("eval.weights=model" in overrides)}}
+                           for s, n, c in grid]}
+
+    monkeypatch.setattr(sweep, "evaluate", fake_evaluate)
+    plan = SweepPlan("p", "c.yaml", {"pos_emb": ("learned",), "cfg_scale": ("1.0", "4.0"), "steps": ("8", "25"),
+                                     "ema": ("ema", "model")}, seeds=1)
+    results = sweep.evaluate_arms(plan, "ckpt", "sqlite://")
+    reference = ("sample.cfg_scale=1.0", "sample.steps=25", "eval.weights=ema")
+    assert calls == [(reference, None, None, [1.0, 4.0]), (reference, None, [8, 25], None),
+                     (("sample.cfg_scale=1.0", "sample.steps=25", "eval.weights=model"), None, None, None)]
+    assert results == {"eval/fid": 125, "eval_cfg_scale_4.0/fid": 425, "eval_steps_8/fid": 108, "eval_ema_model/fid": 126}
+
+    calls.clear()
+    assert sweep.evaluate_arms(SweepPlan("p", "c.yaml", {"pos_emb": ("learned",)}, seeds=1), "ckpt", "sqlite://") == {"eval/fid": 125}
+    assert calls == [((), None, None, None)]  # no sampling axis: one evaluation at the config's own settings
