@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.2
 
-.PHONY: install demo test ui cluster-up cluster-down cluster-demo sweep sweep-smoke clean
+.PHONY: install demo test bench ui cluster-up cluster-down cluster-demo sweep sweep-smoke clean
 
 install: $(STAMP)
 
@@ -48,6 +48,13 @@ sweep-smoke: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The performance benchmark at the demo config (its data and latent cache are built first if missing):
+# outputs/bench.json and outputs/bench.md. Minutes here; README has the latest table.
+bench: $(STAMP)
+	$(PY) -m experiments.prepare_data --config experiments/configs/demo.yaml
+	$(PY) -m experiments.cache_latents --config experiments/configs/demo.yaml --reuse
+	$(PY) -m experiments.bench --config experiments/configs/demo.yaml --out outputs/bench.json
 
 clean:
 	rm -rf outputs .pytest_cache

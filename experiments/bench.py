@@ -1,22 +1,27 @@
-"""Benchmarks (numbers for the README; never run as timed tests).
+"""Benchmarks (numbers for the README; never run as timed tests). `make bench` runs the demo config.
 
-    python -m experiments.bench --config C [--set k=v ...] [--seconds 10] [--out bench.json]
+    python -m experiments.bench --config C [--set k=v ...] [--larger k=v ...] [--precisions fp32,bf16]
+                                [--no-compile] [--device cpu|cuda] [--repeats 5] [--out outputs/bench.json]
 
-Today: loader throughput in samples/s from the image shards (PNG decode) and from the latent cache
-(tensors only), with 0 and `data.num_workers` DataLoader workers, after one warm-up batch; sampling
-throughput of the config's model at 4, 8 and 25 Euler steps (CFG batched, and CFG 1 with no null pass);
-Inception-v3 feature throughput at 299×299 and the time of one FID from 2048-d statistics.
-Timings are medians of `--repeats` runs after a warm-up.
+In one process: the training step of this project's MMDiT (eager and torch.compile'd) against diffusers'
+SD3Transformer2DModel at equal shapes, at the config and at a larger one, in each precision: median
+ms/step, images/s, counted FLOPs, MFU against the matmul peak measured in the same run, peak memory
+(bench_step.py); this MMDiT's step time and memory over 64 → 1024 image tokens and over depth;
+sampling at 4, 8 and 25 Euler steps (CFG batched, and CFG 1 with no null pass); the loader from image
+shards and from the latent cache with 0 and `data.num_workers` workers; Inception-v3 features at
+299×299 and one FID from 2048-d statistics. Writes JSON and a Markdown table next to it.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 
@@ -28,7 +33,16 @@ from mmdit_core.data.shards import make_loader, split_shards
 from mmdit_core.flow import Conditioning, RectifiedFlow, generate
 from mmdit_core.model import MMDiT
 
+from .bench_step import compare_models, matmul_peak, median_seconds, peak_memory_mib, scaling
 from .cli import config_parser, resolve_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def larger_overrides(cfg: ExperimentConfig) -> list[str]:
+    """Twice the width and depth at the same head size: about 8× the default's FLOPs per image."""
+    m = cfg.model
+    return [f"model.width={2 * m.width}", f"model.depth={2 * m.depth}", f"model.num_heads={2 * m.num_heads}"]
 
 
 def cpu_name() -> str:
@@ -40,75 +54,139 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def loader_throughput(urls: dict[str, int], batch_size: int, workers: int, seconds: float, **stream_args) -> float:
-    """Samples per second from an endless (resampled) stream, measured for `seconds` after a warm-up batch."""
+def loader_throughput(urls: dict[str, int], batch_size: int, workers: int, seconds: float, **stream_args) -> tuple[float, float]:
+    """(samples/s from an endless (resampled) stream, measured for `seconds` after a warm-up batch; peak MiB
+    of one batch in this process)."""
     batches = iter(make_loader(urls, batch_size, num_workers=workers, resampled=True, **stream_args))
     next(batches)
+    peak = peak_memory_mib(lambda: next(batches), torch.device("cpu"))
     samples, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         samples += len(next(batches)["key"])
-    return samples / (time.perf_counter() - started)
+    return samples / (time.perf_counter() - started), peak
 
 
-def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def sampling_throughput(cfg: ExperimentConfig, steps: int, cfg_scale: float, batch: int, repeats: int) -> float:
-    """Images/s of sampling with the config's model shape (weights do not change the speed)."""
-    model, flow = MMDiT(cfg.model).eval(), RectifiedFlow(cfg.flow)
+def sampling_throughput(cfg: ExperimentConfig, steps: int, cfg_scale: float, batch: int, repeats: int,
+                        device: torch.device) -> tuple[float, float]:
+    """(images/s, peak MiB) of sampling with the config's model shape (weights do not change the speed)."""
+    model, flow = MMDiT(cfg.model).to(device).eval(), RectifiedFlow(cfg.flow)
     m = cfg.model
-    noise = torch.randn(batch, m.in_channels, m.input_size, m.input_size)
+    noise = torch.randn(batch, m.in_channels, m.input_size, m.input_size, device=device)
     text = Conditioning(torch.randn(batch, cfg.text.max_length, m.text_dim), torch.ones(batch, cfg.text.max_length, dtype=torch.bool),
-                        torch.randn(batch, m.pooled_dim))
+                        torch.randn(batch, m.pooled_dim)).to(device)
     sample = Setting("euler", steps, cfg_scale).sample_config(cfg.sample)
-    return batch / median_seconds(lambda: generate(model, flow, noise, text, text[:1], sample), repeats)
+
+    def run():
+        generate(model, flow, noise, text, text[:1], sample)
+
+    return batch / median_seconds(run, repeats, device), peak_memory_mib(run, device)
 
 
-def inception_throughput(batch: int, repeats: int) -> tuple[float, float]:
-    """(Inception images/s at 299×299, seconds of one FID from two sets of 2048-d features)."""
+def inception_throughput(batch: int, repeats: int) -> tuple[float, float, float]:
+    """(Inception images/s at 299×299, its peak MiB, seconds of one FID from two sets of 2048-d features)."""
     inception = Inception()
     images = torch.rand(batch, 3, 299, 299) * 255
-    per_s = batch / median_seconds(lambda: inception(images), repeats)
+
+    def run():
+        inception(images)
+
+    per_s = batch / median_seconds(run, repeats)
     rng = np.random.default_rng(0)
     a, b = (Statistics(rng.normal(size=(512, 2048))) for _ in range(2))
-    return per_s, median_seconds(lambda: fid(Statistics(a.features), Statistics(b.features)), repeats)
+    return per_s, peak_memory_mib(run, torch.device("cpu")), median_seconds(lambda: fid(Statistics(a.features), Statistics(b.features)), repeats)
+
+
+def training_benchmarks(cfg: ExperimentConfig, larger: ExperimentConfig, precisions: list[str], repeats: int,
+                        device: torch.device, compiled: bool, matmul_size: int | None = None) -> dict:
+    """Matmul peaks, the model comparison at both configs and every precision, the scaling rows."""
+    batch, text_tokens = cfg.train.batch_size, cfg.text.max_length
+    sizes = (matmul_size,) if matmul_size else (2048, 4096, 8192) if device.type == "cuda" else (256, 512, 1024)
+    peaks = {p: matmul_peak(DTYPES[p], device, repeats, sizes) for p in precisions}  # p -> (FLOP/s, n)
+    rows, speedups = [], {}
+    for name, model in (("default", cfg.model), ("larger", larger.model)):
+        for precision in precisions:
+            compared = compare_models(model, batch, text_tokens, precision, peaks[precision][0], repeats, device, compiled)
+            seconds = {row["model"]: row["seconds_per_step"] for row in compared}
+            speedups[f"{name} {precision}"] = {k: seconds["diffusers_sd3"] / v for k, v in seconds.items() if k.startswith("mmdit")}
+            rows += [{"setting": name, **row} for row in compared]
+    return {"matmul_peak": {p: {"gflop_per_s": round(rate / 1e9, 1), "n": n} for p, (rate, n) in peaks.items()}, "training_step": rows,
+            "speedup_vs_diffusers": speedups,
+            "scaling": scaling(cfg.model, batch, text_tokens, precisions[0], repeats, device)}
+
+
+def markdown(results: dict) -> str:
+    """The README's tables."""
+    m = results["machine"]
+    lines = [f"Measured {results['date']} on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
+             f"diffusers {m['diffusers']}, device {m['device']}; medians of {results['repeats']} after warm-up.", "",
+             "Matmul peak (the fastest n³ matmul measured): "
+             + ", ".join(f"{p} {v['gflop_per_s']:g} GFLOP/s (n={v['n']})" for p, v in results["matmul_peak"].items()), "",
+             "| setting | precision | model | ms/step | img/s | M params | GFLOP/step | MFU | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['setting']} | {r['precision']} | {r['model']} | {1e3 * r['seconds_per_step']:.1f} | {r['img_per_s']:.1f} | "
+              f"{r['params'] / 1e6:.2f} | {r['gflop_per_step']:.2f} | {100 * r['mfu']:.1f}% | {r['peak_mib']:.0f} |"
+              for r in results["training_step"]]
+    lines += ["", "Configs: " + "; ".join(f"{r['setting']} = {r['config']}" for r in results["training_step"]
+                                           if r["model"] == "mmdit" and r["precision"] == results["training_step"][0]["precision"]),
+              "", "Speed-up over diffusers SD3 (its ms/step over this MMDiT's): " + "; ".join(
+                  f"{setting}: " + ", ".join(f"{model} {v:.2f}×" for model, v in by_model.items())
+                  for setting, by_model in results["speedup_vs_diffusers"].items()),
+              "", "| image tokens | depth | ms/step | GFLOP/step | peak MiB |", "|---|---|---|---|---|"]
+    lines += [f"| {r['image_tokens']} | {r['depth']} | {1e3 * r['seconds_per_step']:.1f} | {r['gflop_per_step']:.2f} | {r['peak_mib']:.0f} |"
+              for r in results["scaling"]]
+    lines += ["", "| pipeline | throughput | peak MiB |", "|---|---|---|"]
+    lines += [f"| sampling, {k} | {v['img_per_s']:g} img/s | {v['peak_mib']:g} |" for k, v in results["sampling"].items()]
+    lines += [f"| loader, {k} | {v['samples_per_s']:g} samples/s | {v['peak_mib']:g} |" for k, v in results["loader"].items()]
+    lines += [f"| Inception-v3 features, 299×299 | {results['inception']['img_per_s']:g} img/s | {results['inception']['peak_mib']:g} |",
+              f"| one FID from 2048-d statistics | {results['inception']['fid_seconds']:g} s | |"]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
     parser = config_parser(__doc__)
+    parser.add_argument("--larger", action="append", default=None, metavar="KEY=VALUE",
+                        help="overrides that make the larger config (default: twice the width, depth and heads)")
+    parser.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32", "bf16"], help="comma-separated: fp32,bf16")
+    parser.add_argument("--no-compile", dest="compiled", action="store_false", help="skip the torch.compile arm")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--matmul-size", type=int, default=None, help="n of the n³ matmul peak (default: the fastest of 256, 512, 1024 on CPU; 2048, 4096, 8192 on CUDA)")
     parser.add_argument("--seconds", type=float, default=10.0, help="loader measurement time")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs (after a warm-up) of each other measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs (after warm-up) of each other measurement")
     parser.add_argument("--inception-batch", type=int, default=32)
-    parser.add_argument("--out", default="outputs/bench.json")
+    parser.add_argument("--out", default="outputs/bench.json", help="JSON path; the Markdown table goes next to it (.md)")
     args = parser.parse_args(argv)
     cfg = resolve_config(args)
-    batch = cfg.train.batch_size
-    results: dict = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
-                                 "torch": torch.__version__}, "loader_samples_per_s": {}}
+    unknown = set(args.precisions) - set(DTYPES)
+    if unknown:
+        raise SystemExit(f"error: --precisions: unknown {', '.join(sorted(unknown))} (known: {', '.join(DTYPES)})")
+    larger = resolve_config(argparse.Namespace(config=args.config, overrides=[*args.overrides, *(args.larger or larger_overrides(cfg))]))
+    device = torch.device(args.device)
+    results: dict = {"date": datetime.date.today().isoformat(), "repeats": args.repeats,
+                     "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                 "diffusers": diffusers.__version__, "device": torch.cuda.get_device_name(device)
+                                 if device.type == "cuda" else "cpu"}}
+    results.update(training_benchmarks(cfg, larger, args.precisions, args.repeats, device, args.compiled, args.matmul_size))
+    results["sampling"] = {}
+    for steps in (4, 8, 25):
+        for scale in (1.0, cfg.sample.cfg_scale):
+            rate, peak = sampling_throughput(cfg, steps, scale, cfg.eval.batch_size, args.repeats, device)
+            label = f"{steps} steps, {'CFG 1 (no null pass)' if scale == 1 else 'CFG batched'}"
+            results["sampling"][label] = {"img_per_s": round(rate, 1), "peak_mib": round(peak, 1)}
+    results["loader"] = {}
     sources = {"shards": (split_shards(cfg.data.root, "train"), {})}
     if cfg.data.latent_cache:
         sources["latent_cache"] = (split_shards(cfg.data.latent_cache, "train"),
                                    {"transform": decode_latent_sample(cfg.text.max_length)})
     for name, (urls, extra) in sources.items():
         for workers in sorted({0, cfg.data.num_workers}):
-            rate = loader_throughput(urls, batch, workers, args.seconds, shuffle=cfg.data.shuffle_buffer, **extra)
-            results["loader_samples_per_s"][f"{name}, {workers} workers"] = round(rate, 1)
-    results["sampling_img_per_s"] = {
-        f"{steps} steps, {'CFG 1 (no null pass)' if scale == 1 else 'CFG batched'}":
-            round(sampling_throughput(cfg, steps, scale, cfg.eval.batch_size, args.repeats), 1)
-        for steps in (4, 8, 25) for scale in (1.0, cfg.sample.cfg_scale)}
-    inception_per_s, fid_s = inception_throughput(args.inception_batch, args.repeats)
-    results["inception_img_per_s"], results["fid_seconds"] = round(inception_per_s, 2), round(fid_s, 2)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+            rate, peak = loader_throughput(urls, cfg.train.batch_size, workers, args.seconds, shuffle=cfg.data.shuffle_buffer, **extra)
+            results["loader"][f"{name}, {workers} workers"] = {"samples_per_s": round(rate, 1), "peak_mib": round(peak, 1)}
+    per_s, peak, fid_s = inception_throughput(args.inception_batch, args.repeats)
+    results["inception"] = {"img_per_s": round(per_s, 2), "peak_mib": round(peak, 1), "fid_seconds": round(fid_s, 2)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
     return results
 
 

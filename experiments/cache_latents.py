@@ -1,6 +1,6 @@
 """Pre-encode the train shards into the latent cache so training reads tensors only.
 
-    python -m experiments.cache_latents --config C [--set data.latent_cache=DIR]
+    python -m experiments.cache_latents --config C [--set data.latent_cache=DIR] [--reuse]
 
 Runs the frozen autoencoder and text encoder once over the train split and writes latent + text
 embedding shards to `data.latent_cache`, keyed by the data, the autoencoder and the text encoder.
@@ -44,7 +44,11 @@ def build(cfg) -> dict:
 
 
 def main(argv=None) -> dict:
-    return build(resolve_config(config_parser(__doc__).parse_args(argv)))
+    parser = config_parser(__doc__)
+    parser.add_argument("--reuse", action="store_true", help="keep a cache built from this data and these encoders")
+    args = parser.parse_args(argv)
+    cfg = resolve_config(args)
+    return reuse_or_build(cfg) if args.reuse else build(cfg)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The data-stage commands end to end on a tiny config: prepare -> autoencoder -> latent cache -> loader bench."""
+"""The data-stage commands end to end on a tiny config: prepare -> autoencoder -> latent cache -> bench."""
 
 import json
 
@@ -27,12 +27,26 @@ def test_data_stage_commands(tmp_path, capsys):
     cache = cache_latents.main(args)
     assert cache["splits"]["train"]["samples"] == 48
 
-    results = bench.main(args + ["--seconds", "0.2", "--repeats", "1", "--inception-batch", "2",
-                                 "--out", str(tmp_path / "bench.json")])
-    assert set(results["loader_samples_per_s"]) == {"shards, 0 workers", "latent_cache, 0 workers"}
-    assert all(rate > 0 for rate in results["loader_samples_per_s"].values())
-    assert len(results["sampling_img_per_s"]) == 6 and all(rate > 0 for rate in results["sampling_img_per_s"].values())
-    assert results["inception_img_per_s"] > 0 and results["fid_seconds"] > 0
+    tiny_model = ["--set", "model.width=32", "--set", "model.num_heads=2", "--set", "model.depth=1"]
+    results = bench.main(args + tiny_model + ["--seconds", "0.2", "--repeats", "1", "--inception-batch", "2", "--no-compile", "--matmul-size", "128",
+                                              "--larger", "model.width=64", "--out", str(tmp_path / "bench.json")])
+    rows = results["training_step"]
+    assert {(r["setting"], r["precision"], r["model"]) for r in rows} == {
+        (s, p, m) for s in ("default", "larger") for p in ("fp32", "bf16") for m in ("mmdit", "diffusers_sd3")}
+    assert all(r["seconds_per_step"] > 0 and r["params"] > 0 and r["gflop_per_step"] > 0 and r["mfu"] > 0 and r["peak_mib"] > 0
+               for r in rows)
+    for setting in ("default", "larger"):  # equal shapes: both models do the same work, give or take norms and biases
+        flops = {r["model"]: r["gflop_per_step"] for r in rows if r["setting"] == setting and r["precision"] == "fp32"}
+        assert flops["mmdit"] == pytest.approx(flops["diffusers_sd3"], rel=0.01)
+    assert set(results["speedup_vs_diffusers"]) == {"default fp32", "default bf16", "larger fp32", "larger bf16"}
+    assert all(set(by_model) == {"mmdit"} for by_model in results["speedup_vs_diffusers"].values())
+    assert set(results["matmul_peak"]) == {"fp32", "bf16"} and results["matmul_peak"]["fp32"]["n"] == 128
+    assert [(r["image_tokens"], r["depth"]) for r in results["scaling"]] == [(64, 1), (256, 1), (1024, 1), (16, 2), (16, 4), (16, 8)]
+    assert set(results["loader"]) == {"shards, 0 workers", "latent_cache, 0 workers"}
+    assert all(v["samples_per_s"] > 0 for v in results["loader"].values())
+    assert len(results["sampling"]) == 6 and all(v["img_per_s"] > 0 and v["peak_mib"] > 0 for v in results["sampling"].values())
+    assert results["inception"]["img_per_s"] > 0 and results["inception"]["fid_seconds"] > 0
+    assert "| larger | bf16 | diffusers_sd3 |" in (tmp_path / "bench.md").read_text()
     assert json.loads((tmp_path / "bench.json").read_text()) == results
 
 
