@@ -3,7 +3,8 @@
     python -m experiments.bench --config C [--set k=v ...] [--larger k=v ...] [--precisions fp32,bf16]
                                 [--no-compile] [--device cpu|cuda] [--repeats 5] [--out outputs/bench.json]
 
-In one process: the training step of this project's MMDiT (eager and torch.compile'd) against diffusers'
+In one process: the training step of this project's MMDiT (eager, with activation checkpointing, and
+torch.compile'd) against diffusers'
 SD3Transformer2DModel at equal shapes, at the config and at a larger one, in each precision: median
 ms/step, images/s, counted FLOPs, MFU against the matmul peak measured in the same run, peak memory
 (bench_step.py); this MMDiT's step time and memory over 64 → 1024 image tokens and over depth;

@@ -64,7 +64,10 @@ def sd3_transformer(cfg: ModelConfig) -> tuple[torch.nn.Module, Callable[[StepIn
 
 
 MODELS = {"mmdit": mmdit, "diffusers_sd3": sd3_transformer}
-COMPILED = "mmdit+compile"  # this MMDiT under torch.compile: the same FLOPs as "mmdit"
+# This MMDiT under its performance switches; MFU credits them the model FLOPs of "mmdit" (not the forward
+# that checkpointing recomputes).
+CHECKPOINTED = "mmdit+checkpointing"  # model.activation_checkpointing=blocks
+COMPILED = "mmdit+compile"  # train.compile=inductor
 
 
 def as_sd3(cfg: ModelConfig) -> ModelConfig:
@@ -179,16 +182,21 @@ def describe(cfg: ModelConfig, batch: int, text_tokens: int) -> str:
 
 def compare_models(cfg: ModelConfig, batch: int, text_tokens: int, precision: str, peak: float, repeats: int,
                    device: torch.device, compiled: bool) -> list[dict]:
-    """A row per model (and for this MMDiT compiled, with `compiled`) at SD3's architecture choices: step
-    time, images/s, parameters, counted FLOPs, MFU against `peak` FLOP/s, peak memory."""
+    """A row per model, and for this MMDiT with activation checkpointing (and compiled, with `compiled`), at
+    SD3's architecture choices: step time, images/s, parameters, counted FLOPs, MFU against `peak` FLOP/s,
+    peak memory."""
     cfg = as_sd3(cfg)
     inputs = StepInputs.random(cfg, batch, text_tokens, device)
-    builds = {**MODELS, **({COMPILED: mmdit} if compiled else {})}
-    steps = {name: training_step(build, cfg, inputs, precision, compiled=name == COMPILED) for name, build in builds.items()}
+    arms = {name: (build, cfg, False) for name, build in MODELS.items()}  # name -> (build, config, compiled)
+    arms[CHECKPOINTED] = (mmdit, cfg.model_copy(update={"activation_checkpointing": "blocks"}), False)
+    if compiled:
+        arms[COMPILED] = (mmdit, cfg, True)
+    steps = {name: training_step(build, arm_cfg, inputs, precision, arm_compiled)
+             for name, (build, arm_cfg, arm_compiled) in arms.items()}
     runs = {name: run for name, (run, _) in steps.items()}
     seconds = alternating_medians(runs, repeats, device)
-    flops = {name: counted_flops(runs[name]) for name in MODELS}
-    flops[COMPILED] = flops["mmdit"]
+    model_flops = {name: counted_flops(runs[name]) for name in MODELS}
+    flops = {name: model_flops.get(name, model_flops["mmdit"]) for name in arms}
     rows = []
     for name, run in runs.items():
         rows.append({"config": describe(cfg, batch, text_tokens), "precision": precision, "model": name,

@@ -195,6 +195,9 @@ class Tracker:
         elif call.method == "status":
             if a["error"]:
                 client.set_tag(run_id, "error", a["error"][-5000:])
-            client.update_run(run_id, status=a["status"])
+            if a["status"] == "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            else:  # a final status also stamps the end time (when it was queued: the backlog may deliver later)
+                client.set_terminated(run_id, a["status"], end_time=int(1000 * call.queued_at))
         else:
             raise ValueError(f"unknown tracking call {call.method}")

@@ -53,6 +53,8 @@ class ModelConfig(Section):
     time_cond: Literal["adaln_zero", "additive"] = "adaln_zero"
     block: Literal["joint", "cross", "adaln_only"] = "joint"
     qk_norm: Literal["none", "layernorm", "rmsnorm"] = "none"
+    # Memory, not function: "blocks" stores only each block's inputs and recomputes the rest in backward.
+    activation_checkpointing: Literal["none", "blocks"] = "none"
 
     @model_validator(mode="before")
     @classmethod
@@ -168,6 +170,7 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="reached after the (1+n)/(10+n) warm-up")
     precision: Literal["fp32", "bf16"] = "fp32"
+    compile: Literal["none", "inductor"] = Field("none", description="torch.compile backend of the training step's model")
     seed: int = Field(0, ge=0)
     log_every: int = Field(50, ge=1)
     max_nonfinite: int = Field(3, ge=1, description="non-finite steps in a row (skipped) before the run fails")

@@ -4,6 +4,7 @@ Reads top to bottom: embeddings, attention, conditioning, blocks, the model. Eac
 ablation is one `ModelConfig` field, read in exactly one place below:
   sdpa_layout -> attention()         pos_emb -> ImagePositions    time_cond -> make_conditioning()
   block       -> make_block()        qk_norm -> make_qk_norm()
+and one memory switch that leaves the function alone: activation_checkpointing -> MMDiT.forward().
 Shapes: B batch, C channels, N image tokens, L text tokens, S a sequence, W width, H heads, D head dim.
 """
 
@@ -14,6 +15,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -282,6 +284,12 @@ class FinalLayer(nn.Module):
 
 # ---- the model ----------------------------------------------------------------------------------
 
+@torch.compiler.disable  # a data-dependent length: a compiled forward breaks its graph here, on purpose
+def text_length(text_mask: torch.Tensor) -> int:
+    """(B, L) -> tokens up to the last real token of any row (at least 1)."""
+    return int(text_mask.any(0).nonzero().max()) + 1 if text_mask.any() else 1
+
+
 class MMDiT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -330,11 +338,15 @@ class MMDiT(nn.Module):
         if pooled is None:
             weights = text_mask.to(text.dtype)[..., None]  # (B, L, 1)
             pooled = (text * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, D_text)
-        length = int(text_mask.any(0).nonzero().max()) + 1 if text_mask.any() else 1
+        length = text_length(text_mask)
         text, text_mask = text[:, :length], text_mask[:, :length]  # padding no row attends to: drop it
         c = self.time_embed(timestep_embedding(t)) + self.pooled_embed(pooled)  # (B, W)
         img = self.positions.add(self.patch_embed(x).flatten(2).transpose(1, 2))  # (B, N, W)
         ctx = self.context_embed(text) if self.context_embed is not None else None  # (B, L, W)
+        recompute = self.cfg.activation_checkpointing == "blocks" and torch.is_grad_enabled()
         for block in self.blocks:
-            img, ctx = block(img, ctx, c, text_mask, self.positions.rotate)
+            if recompute:
+                img, ctx = checkpoint(block, img, ctx, c, text_mask, self.positions.rotate, use_reentrant=False)
+            else:
+                img, ctx = block(img, ctx, c, text_mask, self.positions.rotate)
         return self.unpatchify(self.final(img, c))

@@ -46,8 +46,10 @@ def all_finite(values: dict[str, torch.Tensor]) -> dict[str, bool]:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, flow: RectifiedFlow, null: Conditioning, rank: int = 0):
-        self.cfg, self.model, self.flow = cfg, model, flow
-        self.module = getattr(model, "module", model)  # the bare model under a DDP wrapper
+        self.cfg, self.flow = cfg, flow
+        self.module = getattr(model, "module", model)  # the bare model under a DDP wrapper: saved, validated, sampled
+        # the training step's model; compiled, it shares the weights and leaves validation and sampling eager
+        self.model = torch.compile(model) if cfg.train.compile == "inductor" else model
         self.device = next(model.parameters()).device
         self.null = null.to(self.device)
         train = cfg.train

@@ -103,6 +103,22 @@ def test_text_padding_is_masked(block):
     torch.testing.assert_close(model(x, t, cond.text, cond.mask), model(x, t, padded, cond.mask))
 
 
+@pytest.mark.parametrize("block", ["joint", "cross", "adaln_only"])
+def test_activation_checkpointing_gives_the_same_output_and_gradients(block):
+    outputs, grads = [], []
+    for checkpointing in ("none", "blocks"):
+        torch.manual_seed(0)
+        model = randomise(MMDiT(tiny_model_config(block=block, activation_checkpointing=checkpointing))).train()
+        cond = random_conditioning(2, valid=3)
+        out = model(torch.ones(2, 4, 8, 8), torch.tensor([0.2, 0.7]), cond.text, cond.mask)
+        out.square().mean().backward()
+        outputs.append(out.detach())
+        grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for off, blocks in zip(*grads):
+        torch.testing.assert_close(off, blocks)
+
+
 def test_positional_embeddings_tell_patches_apart():
     """With no position signal a model is equivariant to permuting patches; with any kind it is not."""
     for pos_emb in ("learned", "sincos", "rope2d", "none"):

@@ -32,14 +32,14 @@ def test_data_stage_commands(tmp_path, capsys):
                                               "--larger", "model.width=64", "--out", str(tmp_path / "bench.json")])
     rows = results["training_step"]
     assert {(r["setting"], r["precision"], r["model"]) for r in rows} == {
-        (s, p, m) for s in ("default", "larger") for p in ("fp32", "bf16") for m in ("mmdit", "diffusers_sd3")}
+        (s, p, m) for s in ("default", "larger") for p in ("fp32", "bf16") for m in ("mmdit", "diffusers_sd3", "mmdit+checkpointing")}
     assert all(r["seconds_per_step"] > 0 and r["params"] > 0 and r["gflop_per_step"] > 0 and r["mfu"] > 0 and r["peak_mib"] > 0
                for r in rows)
     for setting in ("default", "larger"):  # equal shapes: both models do the same work, give or take norms and biases
         flops = {r["model"]: r["gflop_per_step"] for r in rows if r["setting"] == setting and r["precision"] == "fp32"}
         assert flops["mmdit"] == pytest.approx(flops["diffusers_sd3"], rel=0.01)
     assert set(results["speedup_vs_diffusers"]) == {"default fp32", "default bf16", "larger fp32", "larger bf16"}
-    assert all(set(by_model) == {"mmdit"} for by_model in results["speedup_vs_diffusers"].values())
+    assert all(set(by_model) == {"mmdit", "mmdit+checkpointing"} for by_model in results["speedup_vs_diffusers"].values())
     assert set(results["matmul_peak"]) == {"fp32", "bf16"} and results["matmul_peak"]["fp32"]["n"] == 128
     assert [(r["image_tokens"], r["depth"]) for r in results["scaling"]] == [(64, 1), (256, 1), (1024, 1), (16, 2), (16, 4), (16, 8)]
     assert set(results["loader"]) == {"shards, 0 workers", "latent_cache, 0 workers"}

@@ -62,6 +62,7 @@ def test_killed_worker_resumes_and_matches_an_uninterrupted_run(workdir, local_r
 
     (run,) = runs(uri, cfg.name, drilled["run_name"])  # one MLflow run, re-attached after the restart
     assert run.info.status == "FINISHED" and run.info.run_id == drilled["mlflow_run_id"]
+    assert run.info.end_time > run.info.start_time
     assert run.data.params["model.width"] == str(cfg.model.width)
     assert {"train/loss", "train/img_per_s", "val/loss_t0.250"} <= set(run.data.metrics)
     assert run.data.tags["final_checkpoint"] == drilled["checkpoint"]
@@ -130,7 +131,7 @@ def test_sigterm_marks_the_run_killed(workdir):
             driver.kill()
             driver.wait()
     (run,) = runs(uri, cfg.name, cfg.run_name())
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED" and run.info.end_time is not None
 
 
 def test_quick_eval_during_training_logs_fid_and_adherence(workdir, local_ray):

@@ -12,10 +12,10 @@ from mmdit_core.model import MMDiT
 from mmdit_core.trainer import NonFiniteError, Trainer
 
 
-def make_trainer(max_nonfinite=2, seed=0, rank=0):
+def make_trainer(max_nonfinite=2, seed=0, rank=0, compile="none"):
     cfg = build_config({"model": {"width": 32, "depth": 2, "num_heads": 2, "patch_size": 2},
                         "data": {"image_size": 8, "channels": 4}, "text": {"dim": 16},
-                        "train": {"max_nonfinite": max_nonfinite, "seed": seed, "warmup_steps": 2}})
+                        "train": {"max_nonfinite": max_nonfinite, "seed": seed, "warmup_steps": 2, "compile": compile}})
     torch.manual_seed(0)
     model = MMDiT(cfg.model)
     return Trainer(cfg, model, RectifiedFlow(cfg.flow), random_conditioning(1, seed=9), rank=rank)
@@ -26,9 +26,26 @@ def snapshot(trainer):
             {k: v.clone() for k, v in trainer.ema.tensors().items()})
 
 
-def batch(seed):
+def batch(seed, valid=None):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(4, 4, 8, 8, generator=g), random_conditioning(4, seed=seed)
+    return torch.randn(4, 4, 8, 8, generator=g), random_conditioning(4, seed=seed, valid=valid)
+
+
+@pytest.mark.slow  # about 2 minutes when inductor's kernel cache is cold
+def test_compiled_training_steps_match_eager_and_keep_parameter_names():
+    """train.compile=inductor: the same updates (text lengths vary, so the trimmed shapes do too), eager
+    validation, and a state dict a checkpoint of an eager run can load."""
+    eager, compiled = make_trainer(), make_trainer(compile="inductor")
+    for trainer in (eager, compiled):
+        for i, valid in enumerate((5, 2, 4, 3)):
+            trainer.train_step(*batch(i, valid))
+    weights, compiled_weights = snapshot(eager)[0], snapshot(compiled)[0]
+    assert weights.keys() == compiled_weights.keys()
+    for name in weights:
+        torch.testing.assert_close(compiled_weights[name], weights[name], atol=1e-5, rtol=1e-4)
+    assert compiled.module is not compiled.model and type(compiled.module) is MMDiT
+    x0, cond = batch(9)
+    assert compiled.validation_loss(x0, cond) == pytest.approx(eager.validation_loss(x0, cond), rel=1e-4)
 
 
 def test_nonfinite_step_leaves_weights_and_ema_untouched_then_fails_naming_step_and_quantity():
