@@ -345,8 +345,6 @@ class MMDiT(nn.Module):
         ctx = self.context_embed(text) if self.context_embed is not None else None  # (B, L, W)
         recompute = self.cfg.activation_checkpointing == "blocks" and torch.is_grad_enabled()
         for block in self.blocks:
-            if recompute:
-                img, ctx = checkpoint(block, img, ctx, c, text_mask, self.positions.rotate, use_reentrant=False)
-            else:
-                img, ctx = block(img, ctx, c, text_mask, self.positions.rotate)
+            args = (img, ctx, c, text_mask, self.positions.rotate)
+            img, ctx = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         return self.unpatchify(self.final(img, c))
