@@ -3,7 +3,8 @@
 Every pixel of a generated image is labelled with its nearest colour among the scene palette and the
 plain background. For each object its caption names, the oracle then asks three questions:
 
-    colour    is there a blob of the object's colour anywhere in the image?
+    colour    is there a blob of the object's colour anywhere in the image (outside the cells of other
+              captioned objects of that colour, which are theirs)?
     position  is that colour in the object's grid cell (most of its pixels, not just a stray few)?
     shape     does the blob in the cell match the named shape best among the four template shapes?
 
@@ -163,10 +164,11 @@ def solid(mask: np.ndarray, min_pixels: int) -> np.ndarray:
 def judge_object(labels: np.ndarray, obj: SceneObject, others: tuple[SceneObject, ...]) -> ObjectVerdict:
     """Colour, position and shape verdicts for one captioned object, given the image's label map.
 
-    colour: a blob of the colour exists; position: at least `min_pixels` of the colour's blob pixels
-    lie in the object's cell and they are at least MIN_CELL_SHARE of all its blob pixels. Pixels of
-    this colour inside the cells of *other* captioned objects of the same colour are ignored, so two
-    red objects do not count against each other.
+    Each object is judged from its own blobs: pixels of its colour inside the cells of *other* captioned
+    objects of the same colour belong to those objects and are ignored (two red objects neither count
+    against each other nor stand in for each other). colour: a blob of the colour remains; position: at
+    least `min_pixels` of those blob pixels lie in the object's cell and they are at least
+    MIN_CELL_SHARE of them all.
     """
     px = labels.shape[0]
     min_pixels = max(2, round(MIN_PIXELS * px * px / 32 ** 2))
@@ -180,7 +182,7 @@ def judge_object(labels: np.ndarray, obj: SceneObject, others: tuple[SceneObject
     in_cell = np.zeros_like(colour_mask)
     in_cell[rows, cols] = colour_mask[rows, cols]
     total, inside = int(colour_mask.sum()), int(in_cell.sum())
-    colour = total > 0 or any(o.colour == obj.colour for o in others)
+    colour = total > 0
     position = inside >= min_pixels and inside >= MIN_CELL_SHARE * total
     shape = position and best_shape(in_cell) == obj.shape
     return ObjectVerdict(colour, position, shape)

@@ -2,9 +2,10 @@
 
 import torch
 
-from eval.adherence import score_batch, shuffled
+from eval.adherence import judge_scene, score_batch, shuffled
 from mmdit_core.config import DataConfig
-from mmdit_core.data.scenes import render_split
+from mmdit_core.data.images import to_tensor
+from mmdit_core.data.scenes import Scene, SceneObject, render, render_split
 
 
 def test_oracle_is_right_on_renders_and_near_chance_on_shuffled_captions():
@@ -22,3 +23,17 @@ def test_oracle_counts_a_misplaced_object_as_wrong_position_right_colour():
     moved = torch.roll(images, shifts=11, dims=-1)  # one cell to the right (wrapping)
     result = score_batch(moved, scenes)
     assert result.colour > 0.9 and result.position < 0.1
+
+
+def test_an_object_missing_beside_a_same_coloured_one_is_judged_from_its_own_pixels():
+    """Two red objects, only one drawn: the missing one has no colour, position or shape of its own (the
+    drawn one's blob, in its own cell, must not stand in for it)."""
+    first = SceneObject("circle", "red", "large", 0, 0, 1 / 6, 1 / 6)
+    second = SceneObject("square", "red", "large", 2, 2, 5 / 6, 5 / 6)
+    drawn = Scene((first,), "plain", 0)
+    captioned = Scene((first, second), "plain", 0)
+    image = to_tensor(render(drawn, 32))
+    present, missing = judge_scene(image, captioned)
+    assert present.colour and present.position and present.shape
+    assert not (missing.colour or missing.position or missing.shape)
+    assert score_batch(image[None], [captioned]).colour == 0.5
