@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     seconds["total"] = round(time.perf_counter() - started, 1)
     summary["stage_seconds"] = seconds
     if ae is not None:
-        summary["autoencoder_val_psnr_db"] = ae["val_psnr_db"]
+        summary["autoencoder"] = {"path": cfg.autoencoder.path, "fidelity": ae["fidelity"], "train_seconds": ae["train_seconds"]}
     run_dir = Path(summary["grid"]).parent.parent
     (run_dir / "demo.json").write_text(json.dumps(summary, indent=2))
 
@@ -52,6 +52,8 @@ def main(argv=None) -> dict:
     print(f"samples for held-out captions: {summary['grid']}")
     print(f"denoising strip: {run_dir / 'trajectory.png'}   loss curve: {run_dir / 'loss.png'}")
     print(f"checkpoint: {summary.get('checkpoint')}")
+    if ae is not None:
+        print(f"autoencoder ({cfg.autoencoder.path}): {train_autoencoder.describe(ae)}")
     print(f"val loss {summary['val_loss']:.4f}   train loss (last {cfg.train.log_every} steps) "
           f"{summary['train_loss_last']:.4f}   stages (s): {json.dumps(seconds)}")
     m = summary["eval"]

@@ -140,6 +140,9 @@ class AutoencoderConfig(Section):
     # Shape and training of the `trained` kind (experiments.train_autoencoder).
     block_out_channels: list[int] = Field(default_factory=lambda: [16, 32, 32])
     layers_per_block: int = Field(1, ge=1)
+    recon_loss: Literal["mse", "l1"] = "mse"
+    foreground_weight: float = Field(1.0, ge=1.0, description="loss weight of pixels unlike the image's median "
+                                     "colour (objects on a flat background); 1: every pixel alike")
     kl_weight: float = Field(1e-6, ge=0)
     train_steps: int = Field(600, ge=1)
     batch_size: int = Field(32, ge=1)

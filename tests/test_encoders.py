@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from mmdit_core.autoencoder import Autoencoder, build_vae, identity_key, vae_loss
+from PIL import Image
+
+from mmdit_core.autoencoder import Autoencoder, build_vae, foreground_weights, identity_key, vae_loss
 from mmdit_core.config import AutoencoderConfig, TextConfig, build_config
 from mmdit_core.data.latents import StaleCacheError, cache_components, check_latent_cache, decode_latent_sample, write_latent_cache
-from mmdit_core.data.scenes import make_scene, render
+from mmdit_core.data.scenes import PLAIN_BACKGROUND, make_scene, render
 from mmdit_core.data.images import to_tensor
 from mmdit_core.data.shards import ShardStream, encode_sample, make_loader, read_manifest, split_shards, write_dataset
 from mmdit_core.text import TextEncoder
@@ -55,11 +57,11 @@ def test_autoencoder_trains_and_round_trips_through_from_pretrained(tmp_path):
     pixels = torch.stack([to_tensor(render(make_scene(0, i), 16)) for i in range(8)])
     losses = []
     for _ in range(15):
-        loss, parts = vae_loss(vae, pixels, 1e-6)
+        loss, parts = vae_loss(vae, pixels, cfg)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(parts["mse"])
+        losses.append(parts["recon"])
     assert losses[-1] < losses[0]
     vae.register_to_config(shift_factor=0.1, scaling_factor=2.0)
     vae.save_pretrained(cfg.path)
@@ -72,6 +74,16 @@ def test_autoencoder_trains_and_round_trips_through_from_pretrained(tmp_path):
     torch.testing.assert_close(latents, expected)
     assert loaded.decode(latents).shape == pixels.shape
     assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_foreground_weights_mark_the_objects_of_a_scene():
+    pixels = torch.stack([to_tensor(render(make_scene(0, i), 32)) for i in range(4)])
+    weights = foreground_weights(pixels, 5.0)  # (B, 1, H, W)
+    background = to_tensor(Image.new("RGB", (32, 32), PLAIN_BACKGROUND))
+    on_background = ((pixels - background).abs().sum(1, keepdim=True) < 1e-6)
+    assert weights.shape == (4, 1, 32, 32) and set(weights.unique().tolist()) == {1.0, 5.0}
+    assert (weights[on_background] == 1).all() and (weights[~on_background] == 5).float().mean() > 0.9
+    assert torch.equal(foreground_weights(pixels, 1.0), torch.ones_like(weights))
 
 
 def test_pretrained_autoencoder_by_path_and_shape_checks(tmp_path):

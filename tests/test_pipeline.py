@@ -1,13 +1,16 @@
 """The data-stage commands end to end on a tiny config: prepare -> autoencoder -> latent cache -> bench."""
 
 import json
+import shutil
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from experiments import bench, cache_latents, prepare_data, train_autoencoder
+from mmdit_core.config import load_config
 
 
-def test_data_stage_commands(tmp_path, capsys):
+def test_data_stage_commands(tmp_path, capsys, monkeypatch):
     common = [f"data.root={tmp_path / 'ds'}", "data.image_size=16", "data.num_train=48", "data.num_val=12",
               "data.samples_per_shard=16", "data.num_workers=0", "autoencoder.kind=trained",
               f"autoencoder.path={tmp_path / 'ae'}", "autoencoder.factor=2", "autoencoder.block_out_channels=[8, 8]",
@@ -20,9 +23,38 @@ def test_data_stage_commands(tmp_path, capsys):
     assert prepare_data.main(args)["key"] == manifest["key"]
     assert "already holds this data" in capsys.readouterr().out
 
-    summary = train_autoencoder.main(args)
-    assert summary["val_psnr_db"] > 0 and (tmp_path / "ae" / "recon.png").is_file()
-    assert json.loads((tmp_path / "ae" / "summary.json").read_text())["scale"] == summary["scale"]
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    summary = train_autoencoder.main(args + ["--tracking-uri", uri])
+    fidelity = summary["fidelity"]
+    assert fidelity["images"] == 12 and fidelity["psnr_db"] > 0 and (tmp_path / "ae" / "recon.png").is_file()
+    for name in ("reconstructions", "real_images"):  # the oracle on both, every field a fraction
+        assert set(fidelity[name]) == {"colour", "position", "shape", "whole", "whole_shape"}
+        assert all(0 <= v <= 1 for v in fidelity[name].values())
+    assert fidelity["real_images"]["colour"] == 1.0
+    assert summary["made_from"]["dataset"] == manifest["key"] and summary["made_from"]["autoencoder"]["train_steps"] == 3
+    assert json.loads((tmp_path / "ae" / "summary.json").read_text()) == summary
+    run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("autoencoder").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.params["autoencoder.train_steps"] == "3"
+    assert run.data.metrics["val/psnr_db"] == fidelity["psnr_db"] and "recon/shape" in run.data.metrics
+    assert {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)} == {"recon.png", "summary.json"}
+    cfg = load_config(None, common)
+    assert train_autoencoder.reuse_or_train(cfg, uri) == summary  # same settings and data: not trained again
+    assert "reusing the autoencoder" in capsys.readouterr().out
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tmp_path / "ae", shipped / "tiny")
+    monkeypatch.setattr(train_autoencoder, "SHIPPED", shipped)
+    shutil.rmtree(tmp_path / "ae")
+    assert train_autoencoder.reuse_or_train(cfg, uri) == summary  # the shipped copy, verified and copied into place
+    assert "copied the shipped autoencoder" in capsys.readouterr().out and (tmp_path / "ae" / "recon.png").is_file()
+    other_data = load_config(None, common + ["data.seed=1"])
+    prepare_data.prepare(other_data)
+    assert train_autoencoder.verified_summary(shipped / "tiny")["made_from"] != train_autoencoder.made_from(other_data)
+    (shipped / "tiny" / train_autoencoder.WEIGHTS).write_bytes(b"not the weights")
+    assert train_autoencoder.verified_summary(shipped / "tiny") is None
+    retrained = train_autoencoder.reuse_or_train(other_data, uri)  # another dataset key: trained, never the shipped one
+    assert retrained["made_from"]["dataset"] != summary["made_from"]["dataset"]
+    prepare_data.prepare(cfg)
+    train_autoencoder.reuse_or_train(cfg, uri)
 
     cache = cache_latents.main(args)
     assert cache["splits"]["train"]["samples"] == 48

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import random_conditioning
-from mmdit_core.config import build_config
+from mmdit_core.autoencoder import Autoencoder, build_vae
+from mmdit_core.config import AutoencoderConfig, build_config
 from mmdit_core.data.scenes import make_scene, render
 from mmdit_core.data.shards import ShardStream, StreamPosition, collate, encode_sample, write_dataset, split_shards
 from mmdit_core.flow import RectifiedFlow
@@ -119,3 +120,35 @@ def test_stream_position_resumes_the_same_batches(tmp_path, workers):
     resumed = StreamPosition(**position.to_dict())
     continued = [b["key"] for b, _ in zip(loader(resumed), range(4))]
     assert continued == straight[5:]
+
+
+def test_image_space_loss_backpropagates_through_the_frozen_decoder_and_never_updates_it():
+    """flow.loss_space=image: MSE between decoded predicted x0 and decoded x0; the gradient reaches the
+    MMDiT through the decoder, whose weights get no gradient and stay as they were."""
+    ae_cfg = AutoencoderConfig(kind="trained", latent_channels=4, factor=2, block_out_channels=[8, 8])
+    torch.manual_seed(1)
+    autoencoder = Autoencoder(ae_cfg, build_vae(ae_cfg))
+    decoder = {k: v.clone() for k, v in autoencoder.vae.state_dict().items()}
+    cfg = build_config({"model": {"width": 32, "depth": 2, "num_heads": 2, "patch_size": 2},
+                        "data": {"image_size": 16}, "autoencoder": ae_cfg.model_dump(), "text": {"dim": 16},
+                        "flow": {"loss_space": "image", "cfg_dropout": 0.0}, "train": {"warmup_steps": 1}})
+    torch.manual_seed(0)
+    model = MMDiT(cfg.model)
+    flow = RectifiedFlow(cfg.flow, decode=autoencoder.decode)
+    trainer = Trainer(cfg, model, flow, random_conditioning(1, seed=9))
+    x0, cond = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3)), random_conditioning(4, seed=3)
+    noise, t = torch.randn_like(x0), torch.rand(4)
+    loss = flow.per_sample_loss(model, x0, noise, t, cond).mean()  # by hand: decode both x0s, MSE in pixels
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+    predicted_x0 = x_t - t.view(-1, 1, 1, 1) * model(x_t, t, cond.text, cond.mask, cond.pooled)
+    expected = ((autoencoder.decode(predicted_x0) - autoencoder.decode(x0)) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert model.final.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in autoencoder.parameters())
+    model.zero_grad(set_to_none=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(2):
+        trainer.train_step(x0, cond)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(decoder[k], v) for k, v in autoencoder.vae.state_dict().items())
