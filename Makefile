@@ -35,7 +35,8 @@ cluster-down: $(STAMP)
 cluster-demo: $(STAMP)
 	$(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
 	  python -m experiments.train --config experiments/configs/demo.yaml \
-	  --set data.root=$(CURDIR)/data/scenes --set data.latent_cache=$(CURDIR)/data/scenes_cache --set text.cache_dir=$(CURDIR)/data/text_cache \
+	  --set data.root=$(CURDIR)/data/scenes --set data.latent_cache=$(CURDIR)/data/scenes_latents \
+	  --set autoencoder.path=$(CURDIR)/data/autoencoder --set text.cache_dir=$(CURDIR)/data/text_cache \
 	  --set train.storage_path=$(CURDIR)/outputs/runs --tracking-uri sqlite:///$(CURDIR)/mlruns.db
 
 # The critical_details ablation sweep and its report (Ray Tune; run it again to continue an interrupted one).
@@ -49,10 +50,11 @@ sweep-smoke: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The performance benchmark at the demo config (its data and latent cache are built first if missing):
+# The performance benchmark at the demo config (its data, autoencoder and latent cache are made first if missing):
 # outputs/bench.json and outputs/bench.md. Minutes here; README has the latest table.
 bench: $(STAMP)
 	$(PY) -m experiments.prepare_data --config experiments/configs/demo.yaml
+	$(PY) -m experiments.train_autoencoder --config experiments/configs/demo.yaml --reuse
 	$(PY) -m experiments.cache_latents --config experiments/configs/demo.yaml --reuse
 	$(PY) -m experiments.bench --config experiments/configs/demo.yaml --out outputs/bench.json
 

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from eval.evaluate import evaluate
+from experiments.demo import prepare_inputs
 from experiments.tracking import Tracker, default_uri
-from experiments.train import Faults, check_inputs, fit
+from experiments.train import Faults, check_inputs, fit, start_ray
 from mmdit_core.config import ConfigError, load_config
 
 from .axes import AXES, get_axis
@@ -118,9 +119,10 @@ def run(plan: SweepPlan, *, tracking_uri: str | None = None, address: str | None
 
     name, uri = sweep_name(plan), tracking_uri or default_uri()
     trials = plan.trials()
+    base = trial_config(plan, name, trials[0])
+    prepare_inputs(base)  # shards, autoencoder and latent cache, made or reused: training arms share them
     for trial in trials:  # a bad arm or missing data is refused before anything starts
         check_inputs(trial_config(plan, name, trial))
-    base = trial_config(plan, name, trials[0])
     parent = Tracker(uri, name, name, backlog=Path(storage) / name / "tracking_backlog.jsonl",
                      tags={"sweep": name, "preset": plan.name, "axes": ",".join(plan.axes), "seeds": str(plan.seeds)})
     parent.log_params({"sweep.axes": json.dumps(plan.axes), "sweep.seeds": plan.seeds, "sweep.combine": plan.combine,
@@ -130,8 +132,7 @@ def run(plan: SweepPlan, *, tracking_uri: str | None = None, address: str | None
         raise SystemExit(f"error: MLflow at {uri} does not answer; a sweep needs its parent run before trials start")
     parent_id = parent.result.run_id
 
-    if not ray.is_initialized():
-        ray.init(address=address)
+    start_ray(address)
     per_trial = base.train.num_workers * base.train.cpus_per_worker
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
     space = {"sweep": {"plan": dict(plan.__dict__), "name": name, "parent_run_id": parent_id, "tracking_uri": uri,

@@ -18,7 +18,7 @@ Scenes on the plain background only (a textured background is not in the label m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch

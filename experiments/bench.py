@@ -8,7 +8,8 @@ torch.compile'd) against diffusers'
 SD3Transformer2DModel at equal shapes, at the config and at a larger one, in each precision: median
 ms/step, images/s, counted FLOPs, MFU against the matmul peak measured in the same run, peak memory
 (bench_step.py); this MMDiT's step time and memory over 64 → 1024 image tokens and over depth;
-sampling at 4, 8 and 25 Euler steps (CFG batched, and CFG 1 with no null pass); the loader from image
+sampling at 4, 8 and 25 Euler steps (CFG batched, and CFG 1 with no null pass); the real training step
+with the loss in latent space against image space (through the frozen decoder); the loader from image
 shards and from the latent cache with 0 and `data.num_workers` workers; Inception-v3 features at
 299×299 and one FID from 2048-d statistics. Writes JSON and a Markdown table next to it.
 """
@@ -28,13 +29,15 @@ import torch
 
 from eval.evaluate import Setting
 from eval.fid import Inception, Statistics, fid
+from mmdit_core.autoencoder import Autoencoder
 from mmdit_core.config import ExperimentConfig
 from mmdit_core.data.latents import decode_latent_sample
 from mmdit_core.data.shards import make_loader, split_shards
 from mmdit_core.flow import Conditioning, RectifiedFlow, generate
 from mmdit_core.model import MMDiT
+from mmdit_core.trainer import Trainer
 
-from .bench_step import compare_models, matmul_peak, median_seconds, peak_memory_mib, scaling
+from .bench_step import alternating_medians, compare_models, matmul_peak, median_seconds, peak_memory_mib, scaling
 from .cli import config_parser, resolve_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -97,6 +100,29 @@ def inception_throughput(batch: int, repeats: int) -> tuple[float, float, float]
     return per_s, peak_memory_mib(run, torch.device("cpu")), median_seconds(lambda: fid(Statistics(a.features), Statistics(b.features)), repeats)
 
 
+def loss_space_cost(cfg: ExperimentConfig, repeats: int, device: torch.device) -> dict | None:
+    """The real training step (Trainer, the config's autoencoder) with flow.loss_space=latent against image
+    (the predicted x0 decoded, MSE in pixels, backward through the frozen decoder): ms/step and peak
+    memory of each, timed in turn. None in pixel space, where the two differ by weighting only."""
+    if cfg.autoencoder.kind == "identity":
+        return None
+    autoencoder = Autoencoder.load(cfg.autoencoder).to(device)
+    m, batch, g = cfg.model, cfg.train.batch_size, torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch, m.in_channels, m.input_size, m.input_size, generator=g)
+    cond = Conditioning(torch.randn(batch, cfg.text.max_length, cfg.text.dim, generator=g),
+                        torch.ones(batch, cfg.text.max_length, dtype=torch.bool), torch.randn(batch, cfg.text.dim, generator=g))
+    steps = {}
+    for space in ("latent", "image"):
+        arm = cfg.model_copy(update={"flow": cfg.flow.model_copy(update={"loss_space": space})})
+        trainer = Trainer(arm, MMDiT(arm.model).to(device), RectifiedFlow(arm.flow, decode=autoencoder.decode), cond[:1])
+        steps[space] = lambda trainer=trainer: trainer.train_step(x0, cond)
+    seconds = alternating_medians(steps, repeats, device)
+    rows = {space: {"ms_per_step": round(1e3 * seconds[space], 1), "peak_mib": round(peak_memory_mib(run, device), 1)}
+            for space, run in steps.items()}
+    return {**rows, "time_ratio": round(seconds["image"] / seconds["latent"], 2),
+            "memory_ratio": round(rows["image"]["peak_mib"] / max(rows["latent"]["peak_mib"], 1e-9), 2)}
+
+
 def training_benchmarks(cfg: ExperimentConfig, larger: ExperimentConfig, precisions: list[str], repeats: int,
                         device: torch.device, compiled: bool, matmul_size: int | None = None) -> dict:
     """Matmul peaks, the model comparison at both configs and every precision, the scaling rows."""
@@ -137,6 +163,10 @@ def markdown(results: dict) -> str:
     lines += ["", "| pipeline | throughput | peak MiB |", "|---|---|---|"]
     lines += [f"| sampling, {k} | {v['img_per_s']:g} img/s | {v['peak_mib']:g} |" for k, v in results["sampling"].items()]
     lines += [f"| loader, {k} | {v['samples_per_s']:g} samples/s | {v['peak_mib']:g} |" for k, v in results["loader"].items()]
+    if results["loss_space"]:
+        cost = results["loss_space"]
+        lines += [f"| training step, flow.loss_space={space} | {cost[space]['ms_per_step']:g} ms/step | {cost[space]['peak_mib']:g} |"
+                  for space in ("latent", "image")]
     lines += [f"| Inception-v3 features, 299×299 | {results['inception']['img_per_s']:g} img/s | {results['inception']['peak_mib']:g} |",
               f"| one FID from 2048-d statistics | {results['inception']['fid_seconds']:g} s | |"]
     return "\n".join(lines) + "\n"
@@ -181,6 +211,7 @@ def main(argv=None) -> dict:
         for workers in sorted({0, cfg.data.num_workers}):
             rate, peak = loader_throughput(urls, cfg.train.batch_size, workers, args.seconds, shuffle=cfg.data.shuffle_buffer, **extra)
             results["loader"][f"{name}, {workers} workers"] = {"samples_per_s": round(rate, 1), "peak_mib": round(peak, 1)}
+    results["loss_space"] = loss_space_cost(cfg, args.repeats, device)
     per_s, peak, fid_s = inception_throughput(args.inception_batch, args.repeats)
     results["inception"] = {"img_per_s": round(per_s, 2), "peak_mib": round(peak, 1), "fid_seconds": round(fid_s, 2)}
     out = Path(args.out)

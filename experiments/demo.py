@@ -2,10 +2,12 @@
 
     python -m experiments.demo [--config experiments/configs/demo.yaml] [--set k=v ...]
 
-Prepares the scenes, trains the latent autoencoder (or reuses one trained from the same settings and
-data), builds the latent cache (or reuses a fresh one), trains the MMDiT with Ray Train, evaluates its
-final checkpoint (FID, KID, prompt adherence; eval.num_samples images at the config's sampling
-settings), and prints where the samples are, the headline metrics and how to open the MLflow UI.
+Prepares the scenes, trains the latent autoencoder (or reuses one made from the same settings and
+data: the one at autoencoder.path, or a shipped one from experiments/autoencoders/), builds the latent
+cache (or reuses a fresh one), trains the MMDiT with Ray Train, evaluates its final checkpoint (FID,
+KID, prompt adherence; eval.num_samples images at the config's sampling settings, decoded by the frozen
+decoder), and prints the autoencoder's fidelity, where the samples are, the headline metrics and how
+to open the MLflow UI.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ from .cli import config_parser, resolve_config
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
+def prepare_inputs(cfg, stage=lambda name, run: run()) -> dict | None:
+    """What training reads, each made or reused: the shards, the trained autoencoder (its summary, or None
+    for another kind), the latent cache. `stage(name, run)` runs each step (the demo times them)."""
+    stage("data", lambda: prepare_data.prepare(cfg))
+    ae = stage("autoencoder", lambda: train_autoencoder.reuse_or_train(cfg)) if cfg.autoencoder.kind == "trained" else None
+    if cfg.data.latent_cache:
+        stage("latent cache", lambda: cache_latents.reuse_or_build(cfg))
+    return ae
+
+
 def main(argv=None) -> dict:
     cfg = resolve_config(config_parser(__doc__, str(DEFAULT_CONFIG)).parse_args(argv))
     seconds: dict[str, float] = {}
@@ -34,10 +46,7 @@ def main(argv=None) -> dict:
         seconds[name] = round(time.perf_counter() - t0, 1)
         return out
 
-    stage("data", lambda: prepare_data.prepare(cfg))
-    ae = stage("autoencoder", lambda: train_autoencoder.reuse_or_train(cfg)) if cfg.autoencoder.kind == "trained" else None
-    if cfg.data.latent_cache:
-        stage("latent cache", lambda: cache_latents.reuse_or_build(cfg))
+    ae = prepare_inputs(cfg, stage)
     summary = stage("training (Ray Train)", lambda: train.fit(cfg))
     report = stage("evaluation", lambda: evaluate.evaluate(summary["checkpoint"]))
     summary["eval"] = {"report": f"{report['out']}/report.md", **report["points"][0]["metrics"]}
@@ -59,7 +68,8 @@ def main(argv=None) -> dict:
     m = summary["eval"]
     print(f"eval on {int(m['num_samples'])} samples for held-out captions: FID {m['fid']:.1f}  KID {m['kid']:.4f}  adherence: "
           f"colour {100 * m['adherence_colour']:.0f}%  position {100 * m['adherence_position']:.0f}%  "
-          f"shape {100 * m['adherence_shape']:.0f}%  ({summary['eval']['report']})")
+          f"shape {100 * m['adherence_shape']:.0f}%  whole caption {100 * m['adherence_whole_shape']:.0f}%  "
+          f"({summary['eval']['report']})")
     print(f"MLflow run {summary['mlflow_run_id']} ({summary['status']}): `make ui`, then http://127.0.0.1:5000")
     return summary
 

@@ -135,16 +135,17 @@ class AutoencoderConfig(Section):
     kind: Literal["identity", "trained", "pretrained"] = "identity"
     path: str = Field("data/autoencoder", description="hub id or local directory; `trained` writes and reads here")
     subfolder: str | None = Field(None, description="e.g. `vae` inside a full pipeline repository")
-    latent_channels: int = Field(4, ge=1)
+    latent_channels: int = Field(16, ge=1)
     factor: int = Field(4, ge=1, description="spatial downsampling of the encoder")
-    # Shape and training of the `trained` kind (experiments.train_autoencoder).
-    block_out_channels: list[int] = Field(default_factory=lambda: [16, 32, 32])
+    # Shape and training of the `trained` kind (experiments.train_autoencoder); the defaults are the
+    # measured recipe for 32×32 scenes (README, "Stage 1").
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = Field(1, ge=1)
     recon_loss: Literal["mse", "l1"] = "mse"
     foreground_weight: float = Field(1.0, ge=1.0, description="loss weight of pixels unlike the image's median "
                                      "colour (objects on a flat background); 1: every pixel alike")
     kl_weight: float = Field(1e-6, ge=0)
-    train_steps: int = Field(600, ge=1)
+    train_steps: int = Field(2400, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
 

@@ -3,7 +3,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import random_conditioning, tiny_model_config
+from conftest import random_conditioning
 
 from mmdit_core import checkpoint as ckpt
 from mmdit_core.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint

@@ -7,7 +7,7 @@ from conftest import random_conditioning, tiny_model_config
 
 from mmdit_core.flow import RectifiedFlow
 from mmdit_core.config import FlowConfig
-from mmdit_core.model import JointBlock, MMDiT, attention
+from mmdit_core.model import MMDiT, attention
 
 
 def reference_attention(q, k, v, key_mask=None):

@@ -7,6 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from experiments import bench, cache_latents, prepare_data, train_autoencoder
+from experiments.tracking import PROJECT_ROOT
 from mmdit_core.config import load_config
 
 
@@ -77,6 +78,9 @@ def test_data_stage_commands(tmp_path, capsys, monkeypatch):
     assert set(results["loader"]) == {"shards, 0 workers", "latent_cache, 0 workers"}
     assert all(v["samples_per_s"] > 0 for v in results["loader"].values())
     assert len(results["sampling"]) == 6 and all(v["img_per_s"] > 0 and v["peak_mib"] > 0 for v in results["sampling"].values())
+    cost = results["loss_space"]
+    assert all(cost[space]["ms_per_step"] > 0 and cost[space]["peak_mib"] > 0 for space in ("latent", "image"))
+    assert cost["time_ratio"] > 0 and "flow.loss_space=image" in (tmp_path / "bench.md").read_text()
     assert results["inception"]["img_per_s"] > 0 and results["inception"]["fid_seconds"] > 0
     assert "| larger | bf16 | diffusers_sd3 |" in (tmp_path / "bench.md").read_text()
     assert json.loads((tmp_path / "bench.json").read_text()) == results
@@ -86,3 +90,15 @@ def test_bad_config_fails_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="data.image_size=15"):
         prepare_data.main(["--set", f"data.root={tmp_path / 'ds'}", "--set", "data.image_size=15"])
     assert not (tmp_path / "ds").exists()
+
+
+def test_demo_is_latent_and_its_shipped_autoencoder_was_made_from_its_settings_and_data(tmp_path):
+    """`make demo` trains in the frozen autoencoder's latents; the autoencoder shipped for it matches its
+    settings, its seed and the key of the data it renders on this machine (so a fresh clone reuses it)."""
+    cfg = load_config(PROJECT_ROOT / "experiments" / "configs" / "demo.yaml", [f"data.root={tmp_path / 'scenes'}"])
+    ae = cfg.autoencoder
+    assert ae.kind == "trained" and cfg.data.latent_cache and cfg.flow.loss_space == "latent"
+    assert (cfg.model.in_channels, cfg.model.input_size) == (ae.latent_channels, cfg.data.image_size // ae.factor)
+    prepare_data.prepare(cfg)
+    shipped = [train_autoencoder.verified_summary(p) for p in sorted(train_autoencoder.SHIPPED.iterdir())]
+    assert train_autoencoder.made_from(cfg) in [s["made_from"] for s in shipped if s is not None]
