@@ -24,6 +24,7 @@ class Axis:
     reference: str  # the arm the others are compared with
     tests: str
     source: str
+    redefines_loss: bool = False  # its arms train on different losses: their val losses are not compared
 
     def __post_init__(self):
         if self.reference not in self.arms:
@@ -44,13 +45,14 @@ AXES: dict[str, Axis] = {axis.name: axis for axis in (
          f"{HAND_BUILT} (leaving them out was a disaster); DiT (sin-cos); Flux and Qwen-Image (RoPE)"),
     Axis("loss_space", "training", "flow.loss_space", ("latent", "image"), "latent",
          "MSE on the network's target in latent space, or between decoded predicted and true x0 in pixels",
-         f"{HAND_BUILT}: computing the loss in latent rather than image space"),
+         f"{HAND_BUILT}: computing the loss in latent rather than image space", redefines_loss=True),
     Axis("cfg_scale", "sampling", "sample.cfg_scale", ("1.0", "2.0", "4.0", "7.0"), "1.0",
          "classifier-free guidance scale (1: no guidance)", "Ho & Salimans, classifier-free guidance; SD3"),
     Axis("time_sampling", "training", "flow.time_sampling", ("uniform", "logit_normal", "mode"), "uniform",
          "the training distribution of t", "SD3 (Esser et al. 2024), section 3.1"),
     Axis("prediction", "training", "flow.prediction", ("velocity", "epsilon", "x0"), "velocity",
-         "what the network outputs (all converted to a velocity to sample)", "SD3's loss table; DDPM (epsilon)"),
+         "what the network outputs (all converted to a velocity to sample)", "SD3's loss table; DDPM (epsilon)",
+         redefines_loss=True),
     Axis("time_cond", "training", "model.time_cond", ("adaln_zero", "additive"), "adaln_zero",
          "AdaLN-Zero modulation vs adding the conditioning vector to every token", "DiT (Peebles & Xie 2023)"),
     Axis("block", "training", "model.block", ("joint", "cross", "adaln_only"), "joint",

@@ -38,11 +38,13 @@ METRICS = {
     "eval/fid": ("FID", False), "eval/kid": ("KID", False),
     "eval/adherence_colour": ("colour adherence", True), "eval/adherence_position": ("position adherence", True),
     "eval/adherence_shape": ("shape adherence", True), "eval/adherence_whole": ("whole-caption adherence", True),
+    "eval/adherence_whole_shape": ("whole caption with shape", True),
     "eval/clip_score": ("CLIP score", True), "val/loss": ("final val loss", False),
     "train/img_per_s": ("train images/s", True), "wall_s": ("wall time (s)", False),
 }
-HEADLINE = ("eval/fid", "eval/kid", "eval/adherence_position", "eval/adherence_whole", "val/loss")
+HEADLINE = ("eval/fid", "eval/kid", "eval/adherence_position", "eval/adherence_shape", "eval/adherence_whole_shape", "val/loss")
 TRAINED = ("val/loss", "train/img_per_s", "wall_s")  # properties of the training run: no sampling arm moves them
+NOT_COMPARABLE = "not comparable: a different loss"
 SAMPLING_FIELDS = {"sample.cfg_scale": "cfg_scale", "sample.steps": "steps", "sample.sampler": "sampler", "eval.weights": "weights"}
 
 
@@ -101,20 +103,23 @@ def summarise(obs: list[Observation], axes: dict[str, list[str]]) -> dict[str, A
     """{axis: {metric: {arm: {"mean": Interval, "diff": Interval | None, "verdict": str}}}}."""
     out: dict[str, Any] = {}
     for axis in axes:
-        rows, reference = arm_rows(obs, axes, axis), get_axis(axis).reference
+        info, rows = get_axis(axis), arm_rows(obs, axes, axis)
         per_metric: dict[str, Any] = {}
         for metric, (_, higher) in METRICS.items():
-            if metric in TRAINED and get_axis(axis).kind == "sampling":
+            if metric in TRAINED and info.kind == "sampling":
                 continue
-            ref = {seed: o.metrics[metric] for seed, o in rows.get(reference, {}).items() if metric in o.metrics}
+            comparable = not (metric == "val/loss" and info.redefines_loss)
+            ref = {seed: o.metrics[metric] for seed, o in rows.get(info.reference, {}).items() if metric in o.metrics}
             table = {}
             for arm in axes[axis]:
                 values = {seed: o.metrics[metric] for seed, o in rows.get(arm, {}).items() if metric in o.metrics}
                 if not values:
                     continue
-                diff = paired_difference(values, ref) if arm != reference and set(values) & set(ref) else None
+                paired = comparable and arm != info.reference and set(values) & set(ref)
+                diff = paired_difference(values, ref) if paired else None
                 table[arm] = {"mean": mean_interval(list(values.values())), "diff": diff,
-                              "verdict": verdict(diff, higher) if diff else "reference" if arm == reference else "no reference"}
+                              "verdict": "reference" if arm == info.reference else verdict(diff, higher) if diff
+                              else "no reference" if comparable else NOT_COMPARABLE}
             if table:
                 per_metric[metric] = table
         out[axis] = per_metric
@@ -162,6 +167,8 @@ def tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
 
 def _difference(cell: dict[str, Any]) -> str:
     d = cell["diff"]
+    if cell["verdict"] == NOT_COMPARABLE:
+        return NOT_COMPARABLE
     if d is None or not d.known:
         return _interval(d) if d else "-"
     mark = {"better": " (better)", "worse": " (worse)"}.get(cell["verdict"], "")

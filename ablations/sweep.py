@@ -28,7 +28,8 @@ import torch
 from eval.evaluate import evaluate
 from experiments.demo import prepare_inputs
 from experiments.tracking import Tracker, default_uri
-from experiments.train import Faults, check_inputs, fit, start_ray
+from experiments.cluster import start_ray
+from experiments.train import Faults, check_inputs, fit
 from mmdit_core.config import ConfigError, load_config
 
 from .axes import AXES, get_axis

@@ -26,7 +26,7 @@ def reuse_or_build(cfg) -> dict:
         print(f"reusing the latent cache at {cfg.data.latent_cache}")
         return read_manifest(cfg.data.latent_cache)
     except StaleCacheError as exc:
-        print(f"{exc}: rebuilding it")
+        print(f"{exc}\n  -> building the latent cache now")
         return build(cfg)
 
 

@@ -40,6 +40,7 @@ from mmdit_core.text import TextEncoder
 from mmdit_core.trainer import Trainer
 
 from .cli import config_parser, resolve_config
+from .cluster import start_ray
 from .figures import loss_curve, sample_grid, trajectory_strip
 from .tracking import Tracker, default_uri, git_commit
 
@@ -282,19 +283,6 @@ def check_inputs(cfg: ExperimentConfig) -> None:
             latent_cache_shards(cfg)
     except (FileNotFoundError, StaleCacheError) as exc:
         raise SystemExit(f"error: {exc}") from None
-
-
-def start_ray(address: str | None) -> None:
-    """Connect to the cluster at `address` (or RAY_ADDRESS), else start Ray in this process without its
-    dashboard: on a 2-core machine the dashboard's processes cost training about 9% of its speed."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False)
 
 
 def fit_interruptibly(trainer):

@@ -2,10 +2,10 @@
 
     python -m experiments.train_autoencoder --config C [--set autoencoder.train_steps=500 ...] [--reuse]
 
-Trains a diffusers AutoencoderKL (reconstruction error with object pixels weighted up, plus a small
-KL term; no perceptual term, since every perceptual network needs a download), computes the latent
-shift and scale from training data, and measures fidelity on the val split the way the MMDiT is
-judged: PSNR, and on the built-in scenes the adherence oracle on the reconstructions beside the
+Trains a diffusers AutoencoderKL (reconstruction MSE, or L1 and object pixels weighted up as
+settings, plus a small KL term; no perceptual term, since every perceptual network needs a download),
+computes the latent shift and scale from training data, and measures fidelity on the val split the
+way the MMDiT is judged: PSNR, and on the built-in scenes the adherence oracle on the reconstructions beside the
 oracle on the real images (its ceiling). `autoencoder.path` receives, all at once or not at all,
 the weights (save_pretrained), summary.json (settings, what it was made from, fidelity, time) and
 recon.png (top: originals, bottom: reconstructions). The run is tracked in MLflow (experiment
@@ -134,7 +134,7 @@ def train_and_save(cfg: ExperimentConfig, tracking_uri: str | None = None) -> di
     """Train, measure and save the autoencoder of `cfg` (refusing any other kind), tracked in MLflow."""
     if cfg.autoencoder.kind != "trained":
         raise SystemExit(f"error: autoencoder.kind={cfg.autoencoder.kind}: only the `trained` kind is trained here "
-                         "(--set autoencoder.kind=trained, or --config experiments/configs/scenes.yaml)")
+                         "(--set autoencoder.kind=trained, or --config experiments/configs/demo.yaml)")
     made = made_from(cfg)
     out = Path(cfg.autoencoder.path)
     tracker = Tracker(tracking_uri or default_uri(), EXPERIMENT, run_key(made),

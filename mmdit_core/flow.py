@@ -145,7 +145,8 @@ class RectifiedFlow:
     @torch.no_grad()
     def loss_by_t(self, model: nn.Module, x0: torch.Tensor, cond: Conditioning, ts: list[float],
                   seed: int = 0) -> dict[float, float]:
-        """Mean loss at each fixed t, with noise fixed by `seed`: comparable across steps, runs and arms."""
+        """Mean loss at each fixed t, with noise fixed by `seed`: comparable across steps, runs and arms
+        that train on the same loss (not across flow.loss_space or flow.prediction)."""
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
         return {t: self.per_sample_loss(model, x0, noise, torch.full((x0.shape[0],), t, device=x0.device), cond).mean().item()
                 for t in ts}

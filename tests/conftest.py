@@ -37,11 +37,13 @@ def tiny_cfg():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """Ray in this process with 2 CPUs, shut down after the module's tests."""
+    """Ray in this process as the project starts it, with 2 CPUs, shut down after the module's tests."""
     import ray
 
+    from experiments.cluster import start_ray
+
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, configure_logging=False)
+    start_ray(None, num_cpus=2, _temp_dir=temp, configure_logging=False)
     try:
         yield
     finally:

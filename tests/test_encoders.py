@@ -106,7 +106,7 @@ def test_latent_cache_round_trip_and_stale_cache_refused(tmp_path, encoder):
                                               for i in range(6))}, 4, {})
     build_vae(tiny_ae_config(tmp_path)).save_pretrained(tmp_path / "ae")
     cfg = build_config({"data": {"root": str(tmp_path / "ds"), "image_size": 16},
-                        "autoencoder": {"kind": "trained", "path": str(tmp_path / "ae"), "factor": 2, "block_out_channels": [8, 8]},
+                        "autoencoder": {"kind": "trained", "path": str(tmp_path / "ae"), "factor": 2, "latent_channels": 4, "block_out_channels": [8, 8]},
                         "text": {"cache_dir": encoder.cfg.cache_dir}})
     autoencoder = Autoencoder.load(cfg.autoencoder)
     batches = make_loader(split_shards(cfg.data.root, "train"), 4)

@@ -81,6 +81,16 @@ def test_report_summary_reads_each_axis_against_its_reference_with_intervals(tmp
     assert report.plot_sampling_curves(observations, axes, "cfg_scale", tmp_path / "curves.png")
 
 
+def test_val_losses_of_arms_that_train_on_different_losses_are_not_compared():
+    observations = [report.Observation({"loss_space": space}, {}, s, {"val/loss": loss + 0.01 * s, "eval/fid": fid + s})
+                    for s in range(3) for space, loss, fid in (("latent", 0.2, 80.0), ("image", 0.006, 260.0))]
+    summary = report.summarise(observations, {"loss_space": ["latent", "image"]})
+    image = summary["loss_space"]["val/loss"]["image"]
+    assert image["verdict"] == report.NOT_COMPARABLE and image["diff"] is None and image["mean"].n == 3
+    assert summary["loss_space"]["eval/fid"]["image"]["verdict"] == "worse"  # the samples still are
+    assert f"| {report.NOT_COMPARABLE} |" in report.markdown("s", summary, seeds=3)
+
+
 def test_sampling_arms_of_one_grid_axis_share_one_evaluation(monkeypatch):
     calls = []
 

@@ -2,6 +2,7 @@
 a tracking outage, and a bad config refused before Ray starts."""
 
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -44,6 +45,16 @@ def runs(uri: str, experiment: str, run_name: str):
 def losses(summary) -> dict[int, float]:
     lines = (Path(summary["grid"]).parent.parent / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def test_local_ray_workers_silence_the_placement_group_cleaners_dashboard_warnings(local_ray):
+    import ray
+
+    @ray.remote
+    def level() -> int:
+        return logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").level
+
+    assert ray.get(level.remote()) == logging.ERROR  # set by start_ray's worker setup hook
 
 
 def test_killed_worker_resumes_and_matches_an_uninterrupted_run(workdir, local_ray):
