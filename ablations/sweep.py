@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from eval.evaluate import evaluate
+from experiments.cluster import start_ray
 from experiments.demo import prepare_inputs
 from experiments.tracking import Tracker, default_uri
-from experiments.cluster import start_ray
 from experiments.train import Faults, check_inputs, fit
 from mmdit_core.config import ConfigError, load_config
 

@@ -28,11 +28,14 @@ CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "MLFLOW_DISAB
                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
 def quiet_placement_group_cleaner() -> None:
     """Run in every Ray worker that start_ray starts. Ray Train's placement-group cleaner asks the
     dashboard's state API whether the controller is alive; without a dashboard it warns about every
     failed query, about once a second. (It lives here because workers import it: this module is light.)"""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def start_ray(address: str | None, **local) -> None:

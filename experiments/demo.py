@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     m = summary["eval"]
     print(f"eval on {int(m['num_samples'])} samples for held-out captions: FID {m['fid']:.1f}  KID {m['kid']:.4f}  adherence: "
           f"colour {100 * m['adherence_colour']:.0f}%  position {100 * m['adherence_position']:.0f}%  "
-          f"shape {100 * m['adherence_shape']:.0f}%  whole caption {100 * m['adherence_whole_shape']:.0f}%  "
+          f"shape {100 * m['adherence_shape']:.0f}%  whole caption with shape {100 * m['adherence_whole_shape']:.0f}%  "
           f"({summary['eval']['report']})")
     print(f"MLflow run {summary['mlflow_run_id']} ({summary['status']}): `make ui`, then http://127.0.0.1:5000")
     return summary

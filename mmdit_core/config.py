@@ -138,7 +138,7 @@ class AutoencoderConfig(Section):
     latent_channels: int = Field(16, ge=1)
     factor: int = Field(4, ge=1, description="spatial downsampling of the encoder")
     # Shape and training of the `trained` kind (experiments.train_autoencoder); the defaults are the
-    # measured recipe for 32×32 scenes (README, "Stage 1").
+    # measured recipe for 32×32 scenes (docs/data.md).
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = Field(1, ge=1)
     recon_loss: Literal["mse", "l1"] = "mse"

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from experiments import prepare_data, train
+from experiments.cluster import PLACEMENT_GROUP_CLEANER_LOGGER
 from experiments.tracking import RUN_KEY_TAG
 from mmdit_core.config import load_config
 
@@ -52,7 +53,7 @@ def test_local_ray_workers_silence_the_placement_group_cleaners_dashboard_warnin
 
     @ray.remote
     def level() -> int:
-        return logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").level
+        return logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).level
 
     assert ray.get(level.remote()) == logging.ERROR  # set by start_ray's worker setup hook
 
