@@ -26,12 +26,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from experiments.figures import titled_row  # noqa: E402
 from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri  # noqa: E402
 
 from .axes import get_axis  # noqa: E402
-from .stats import Interval, mean_interval, paired_difference, verdict  # noqa: E402
+from eval.stats import Interval, mean_interval, paired_difference, verdict  # noqa: E402
 
 # metric -> (label, higher is better)
 METRICS = {
@@ -42,7 +43,9 @@ METRICS = {
     "eval/clip_score": ("CLIP score", True), "val/loss": ("final val loss", False),
     "train/img_per_s": ("train images/s", True), "wall_s": ("wall time (s)", False),
 }
-HEADLINE = ("eval/fid", "eval/kid", "eval/adherence_position", "eval/adherence_shape", "eval/adherence_whole_shape", "val/loss")
+HEADLINE = ("eval/fid", "eval/kid", "eval/adherence_position", "eval/adherence_shape", "eval/adherence_whole_shape",
+            "eval/clip_score", "val/loss")
+AGREEMENT = ("eval/adherence_whole", "eval/adherence_whole_shape")  # the oracle's verdicts the CLIP score is ranked against
 TRAINED = ("val/loss", "train/img_per_s", "wall_s")  # properties of the training run: no sampling arm moves them
 NOT_COMPARABLE = "not comparable: a different loss"
 SAMPLING_FIELDS = {"sample.cfg_scale": "cfg_scale", "sample.steps": "steps", "sample.sampler": "sampler", "eval.weights": "weights"}
@@ -57,6 +60,7 @@ class Observation:
     seed: int
     metrics: dict[str, float]
     run_id: str = ""  # the eval run: its sample grid is an artifact
+    clip: str = "none"  # the CLIP that scored it
 
 
 def _same(a: str, b: str) -> bool:
@@ -85,7 +89,8 @@ def observations(client, experiment_id: str, parent_id: str, axes: dict[str, lis
                 value = ev.data.params[SAMPLING_FIELDS[get_axis(name).field]]
                 sampling[name] = next((arm for arm in axes[name] if _same(arm, value)), value)
             metrics = {k: v for k, v in ev.data.metrics.items() if k in METRICS}
-            found.append(Observation(training, sampling, int(trial.data.tags["seed"]), {**trained, **metrics}, ev.info.run_id))
+            found.append(Observation(training, sampling, int(trial.data.tags["seed"]), {**trained, **metrics}, ev.info.run_id,
+                                     ev.data.tags.get("clip_model", "none")))
     return found
 
 
@@ -192,11 +197,40 @@ def headline(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def markdown(name: str, summary: dict[str, Any], seeds: int) -> str:
+def oracle_agreement(obs: list[Observation]) -> dict[str, Any] | None:
+    """Spearman rank correlation of the CLIP score with the oracle's whole-caption adherence over the
+    trials (arms × seeds) at the reference sampling settings, and which CLIPs scored; None without scores."""
+    scored = [o for o in obs if _at_reference(o.sampling) and "eval/clip_score" in o.metrics]
+    if not scored:
+        return None
+    agreement: dict[str, Any] = {"trials": len(scored), "clips": sorted({o.clip for o in scored})}
+    for metric in AGREEMENT:
+        pairs = [(o.metrics["eval/clip_score"], o.metrics[metric]) for o in scored if metric in o.metrics]
+        if len(pairs) >= 3:
+            rho, p = stats.spearmanr(*zip(*pairs))
+            agreement[metric] = {"rho": float(rho), "p": float(p), "n": len(pairs)}
+    return agreement
+
+
+def agreement_lines(agreement: dict[str, Any] | None) -> list[str]:
+    if agreement is None:
+        return []
+    clips = agreement["clips"]
+    lines = [f"CLIP score by: {clips[0]}." if len(clips) == 1 else
+             f"**CLIP scores come from {len(clips)} different CLIPs, which are not comparable**: " + "; ".join(clips) + "."]
+    for metric in AGREEMENT:
+        if metric in agreement:
+            a = agreement[metric]
+            lines.append(f"Agreement with the oracle: Spearman ρ of CLIP score with {METRICS[metric][0]} over the "
+                         f"{a['n']} trials (arms × seeds, reference sampling settings): {a['rho']:+.2f} (p = {a['p']:.2g}).")
+    return [" ".join(lines), ""]
+
+
+def markdown(name: str, summary: dict[str, Any], seeds: int, agreement: dict[str, Any] | None = None) -> str:
     lines = [f"# Sweep {name}", ""]
     if seeds < 3:
         lines += [f"**{seeds} seed(s) per arm: too few for confident intervals** (95% t-intervals widen sharply below 3).", ""]
-    lines += ["## Headline", "", *headline(summary), ""]
+    lines += ["## Headline", "", *headline(summary), "", *agreement_lines(agreement)]
     for title, header, rows in tables(summary):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
@@ -270,24 +304,29 @@ def sample_sheet(client, obs: list[Observation], path: Path) -> bool:
     return bool(panels)
 
 
+def sweep_parent(client, name: str, uri: str):
+    """(experiment, parent run) of sweep `name`; exits with an error naming the store when there is none."""
+    experiment = client.get_experiment_by_name(name)
+    parents = client.search_runs([experiment.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{name}'") if experiment else []
+    if not parents:
+        raise SystemExit(f"error: no sweep {name!r} in {uri}")
+    return experiment, parents[0]
+
+
 def report(name: str, tracking_uri: str | None = None, out: str | Path | None = None) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri or default_uri()
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    parents = client.search_runs([experiment.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{name}'") if experiment else []
-    if not parents:
-        raise SystemExit(f"error: no sweep {name!r} in {uri}")
-    parent = parents[0]
+    experiment, parent = sweep_parent(client, name, uri)
     axes = json.loads(parent.data.params["sweep.axes"])
     seeds = int(parent.data.params["sweep.seeds"])
     obs = observations(client, experiment.experiment_id, parent.info.run_id, axes)
-    summary = summarise(obs, axes)
+    summary, agreement = summarise(obs, axes), oracle_agreement(obs)
     out = Path(out or Path("outputs/sweeps") / name / "report")
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md", out / "report.html"]
-    files[0].write_text(markdown(name, summary, seeds))
+    files[0].write_text(markdown(name, summary, seeds, agreement))
     files[1].write_text(html_page(name, summary))
     for axis, per_metric in summary.items():
         if per_metric:
@@ -302,7 +341,7 @@ def report(name: str, tracking_uri: str | None = None, out: str | Path | None = 
     for file in files:
         tracker.log_artifact(file, "report")
     print(tracker.close().summary())
-    return {"summary": summary, "files": [str(f) for f in files]}
+    return {"summary": summary, "agreement": agreement, "files": [str(f) for f in files]}
 
 
 def main(argv=None) -> dict[str, Any]:

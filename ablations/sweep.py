@@ -4,6 +4,7 @@ Train, then its checkpoint is evaluated at every sampling-time arm without retra
     python -m ablations.sweep --preset critical_details [--set k=v ...]
     python -m ablations.sweep --axes pos_emb,cfg_scale --seeds 3 [--config C] [--set k=v ...]
     ray job submit --working-dir . -- python -m ablations.sweep --preset critical_details
+    python -m ablations.sweep --reevaluate NAME [--set eval.clip_model=trained ...]
 
 The sweep's name is the preset (or axes) plus a hash of everything that defines it, so running the
 same command again continues it: finished trials are kept, unfinished and failed ones run again (and
@@ -11,6 +12,10 @@ a trial's training resumes from its own last checkpoint). A failed trial is reco
 and does not stop the others. MLflow: the experiment is named after the sweep; one parent run for the
 sweep, one nested run per trial (the training run, tagged axis arms and seed), and under each trial
 the nested eval runs of its sampling-time arms. At the end the report (ablations.report) is written.
+
+--reevaluate evaluates every trial of an existing sweep again from its last checkpoint, without Ray and
+without training (e.g. once a CLIP is trained, or with more samples: --set changes the evaluation), logs
+to the same MLflow runs and writes the report again.
 """
 
 from __future__ import annotations
@@ -25,16 +30,17 @@ from typing import Any
 
 import torch
 
-from eval.evaluate import evaluate
+from eval.evaluate import evaluate, resolve_checkpoint
 from experiments.cluster import start_ray
 from experiments.demo import prepare_inputs
-from experiments.tracking import Tracker, default_uri
+from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri
 from experiments.train import Faults, check_inputs, fit
+from mmdit_core.checkpoint import CheckpointError
 from mmdit_core.config import ConfigError, load_config
 
 from .axes import AXES, get_axis
 from .plan import PROJECT_ROOT, SweepPlan, Trial, load_preset
-from .report import report
+from .report import report, sweep_parent
 
 STORAGE = "outputs/sweeps"
 GRID_ARGS = {"sample.sampler": ("samplers", str), "sample.steps": ("steps", int), "sample.cfg_scale": ("scales", float)}  # evaluate()'s grid
@@ -56,19 +62,25 @@ def trial_of(space: dict[str, Any]) -> Trial:
     return Trial(tuple(tuple(pair) for pair in space["arms"]), space["seed"])
 
 
-def evaluate_arms(plan: SweepPlan, checkpoint: str, tracking_uri: str) -> dict[str, float]:
-    """The checkpoint's eval metrics at every sampling-time arm: `eval/<metric>` at the reference, else
-    `eval_<axis>_<arm>/<metric>`. A sampler, steps or CFG axis is one evaluate() call over its arms (its
-    grid), so the text encoder, Inception and validation loss are set up once per axis, not once per arm."""
+def evaluate_arms(plan: SweepPlan, checkpoint: str, tracking_uri: str, run_name: str | None = None,
+                  extra: tuple[str, ...] = ()) -> tuple[dict[str, float], int]:
+    """The checkpoint's eval metrics at every sampling-time arm (`eval/<metric>` at the reference, else
+    `eval_<axis>_<arm>/<metric>`) and its step. A sampler, steps or CFG axis is one evaluate() call over its arms (its
+    grid), so the text encoder, Inception and validation loss are set up once per axis, not once per arm.
+    `extra`: overrides of the evaluation on top of the checkpoint's config."""
     reference = plan.sampling_overrides("reference", "reference")
     results: dict[str, float] = {}
+    steps: set[int] = set()
 
     def record(axis: str, arm: str, metrics: dict[str, float]):
         prefix = "eval" if arm == get_axis(axis).reference else f"eval_{axis}_{arm}"
         results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
 
     def points(overrides: list[str], **grid) -> list[dict[str, Any]]:
-        return evaluate(checkpoint, overrides=overrides, tracking_uri=tracking_uri, verbose=False, **grid)["points"]
+        evaluated = evaluate(checkpoint, overrides=[*overrides, *extra], tracking_uri=tracking_uri, verbose=False,
+                             run_name=run_name, **grid)
+        steps.add(evaluated["step"])
+        return evaluated["points"]
 
     sampling = plan.of_kind("sampling")
     if not any(get_axis(name).field in GRID_ARGS for name in sampling):
@@ -83,7 +95,7 @@ def evaluate_arms(plan: SweepPlan, checkpoint: str, tracking_uri: str) -> dict[s
             for arm in arms:
                 if arm != axis.reference:
                     record(name, arm, points(plan.sampling_overrides(name, arm))[0]["metrics"])
-    return results
+    return results, steps.pop()
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -102,7 +114,7 @@ def run_trial(config: dict[str, Any]) -> None:
         raise RuntimeError(f"trial {trial.name}: training ended {summary.get('status')} without a checkpoint")
     # Ray starts this 0-CPU process with OMP_NUM_THREADS=1; the CPUs its training held are free for evaluation now
     torch.set_num_threads(cfg.train.num_workers * cfg.train.cpus_per_worker)
-    results = evaluate_arms(plan, summary["checkpoint"], sweep["tracking_uri"])
+    results, _ = evaluate_arms(plan, summary["checkpoint"], sweep["tracking_uri"])
     # on the trial's own run too, so comparing trial runs in the MLflow UI shows their eval results side by side
     tracker = Tracker(sweep["tracking_uri"], cfg.name, cfg.run_name(),
                       backlog=Path(summary["grid"]).parent.parent / "tracking_backlog.jsonl")
@@ -121,7 +133,7 @@ def run(plan: SweepPlan, *, tracking_uri: str | None = None, address: str | None
     name, uri = sweep_name(plan), tracking_uri or default_uri()
     trials = plan.trials()
     base = trial_config(plan, name, trials[0])
-    prepare_inputs(base)  # shards, autoencoder and latent cache, made or reused: training arms share them
+    prepare_inputs(base)  # shards, autoencoder, CLIP and latent cache, made or reused: training arms share them
     for trial in trials:  # a bad arm or missing data is refused before anything starts
         check_inputs(trial_config(plan, name, trial))
     parent = Tracker(uri, name, name, backlog=Path(storage) / name / "tracking_backlog.jsonl",
@@ -160,6 +172,40 @@ def run(plan: SweepPlan, *, tracking_uri: str | None = None, address: str | None
     return {"sweep": name, "mlflow_parent_run_id": parent_id, "trials": outcome, "failed": failed}
 
 
+def reevaluate(name: str, tracking_uri: str | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Evaluate every trial of sweep `name` again from its last checkpoint (the plan comes from the sweep's
+    parent run, each checkpoint from its trial run), logged to the same runs; then the report again."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or default_uri()
+    client = MlflowClient(uri)
+    experiment, parent = sweep_parent(client, name, uri)
+    params = parent.data.params
+    plan = SweepPlan(name=name, config=params["sweep.config"], axes=json.loads(params["sweep.axes"]),
+                     seeds=int(params["sweep.seeds"]), overrides=tuple(json.loads(params["sweep.overrides"])),
+                     combine=params["sweep.combine"])
+    trials = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    outcome = {}
+    for i, trial in enumerate(trials, 1):
+        run_name = trial.data.tags[RUN_KEY_TAG]
+        run_dir = Path(trial.data.params["train.storage_path"]) / run_name
+        print(f"[{i}/{len(trials)}] re-evaluating {trial.data.tags.get('trial', run_name)} from {run_dir}", flush=True)
+        try:
+            checkpoint = resolve_checkpoint(run_dir)
+            results, step = evaluate_arms(plan, str(checkpoint), uri, run_name, overrides)
+        except (CheckpointError, ConfigError, FileNotFoundError) as exc:
+            outcome[run_name] = f"FAILED: {exc}"
+            print(f"  skipped: {exc}")
+            continue
+        tracker = Tracker(uri, name, run_name, backlog=run_dir / "tracking_backlog.jsonl")
+        tracker.log_metrics(results, step)
+        tracker.close()
+        outcome[run_name] = "FINISHED"
+    failed = sum(v != "FINISHED" for v in outcome.values())
+    print(f"re-evaluated {len(outcome) - failed} of {len(outcome)} trials" + (f" ({failed} failed)" if failed else ""))
+    return {"sweep": name, "trials": outcome, "failed": failed}
+
+
 def plan_from_args(args: argparse.Namespace) -> SweepPlan:
     if args.preset:
         plan = load_preset(args.preset)
@@ -175,12 +221,18 @@ def main(argv=None) -> dict[str, Any]:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", help="a preset in ablations/presets (critical_details, sd3_timesteps, architecture)")
     which.add_argument("--axes", help=f"comma-separated axes, all arms each: {', '.join(AXES)}")
+    which.add_argument("--reevaluate", metavar="NAME", help="evaluate an existing sweep's checkpoints again (no training)")
     parser.add_argument("--config", default=str(PROJECT_ROOT / "experiments/configs/demo.yaml"), help="base config (with --axes)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's, else 1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     args = parser.parse_args(argv)
+    if args.reevaluate:
+        result = reevaluate(args.reevaluate, args.tracking_uri, tuple(args.overrides))
+        written = report(args.reevaluate, args.tracking_uri)
+        print(f"report: {written['files'][0]}")
+        return result
     try:
         plan = plan_from_args(args)
         load_config(plan.config, list(plan.overrides))  # refuse a bad --set at once

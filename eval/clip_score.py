@@ -5,21 +5,39 @@ return an output object whose `pooler_output` holds the projected vector. `Poole
 that vector. Captions longer than the text tower's context are truncated by the tokenizer (keeping its
 end-of-text token, which CLIP pools at) with a warning that counts them.
 
-No pretrained CLIP is available offline: `load_clip_score` then returns None and a one-line notice, and
-the score is left out of the report (never estimated some other way).
+`eval.clip_model=trained` (the default) names the CLIP experiments.train_clip trained on the run's
+dataset; it scores only if its summary vouches for its weights and it was trained on this very data
+(the dataset key). Any other value is a hub id or a local CLIP directory. When none loads,
+`load_clip_score` returns None and a one-line notice, and the score is left out of the report (never
+estimated some other way). Every scorer carries a name saying which CLIP it is, which reports print
+beside its numbers: scores of different CLIPs are not comparable.
 
-    scorer, notice = load_clip_score("openai/clip-vit-base-patch16")   # or a local directory
+    scorer, notice = load_clip_score("trained", data_root="data/scenes")   # or a hub id / directory
     scorer(images_uint8, captions) if scorer else print(notice)
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchmetrics.multimodal.clip_score import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
+
+from mmdit_core.data.shards import read_manifest
+from mmdit_core.files import verified_summary
+
+TRAINED = "trained"  # eval.clip_model: the CLIP trained on data.root by experiments.train_clip
+WEIGHTS = "model.safetensors"  # what CLIPModel.save_pretrained writes
+
+
+def trained_clip_dir(data_root: str | Path) -> Path:
+    """Where experiments.train_clip keeps the CLIP of a dataset: beside it, e.g. data/scenes_clip."""
+    root = Path(data_root)
+    return root.with_name(f"{root.name}_clip")
 
 
 class PooledClip(nn.Module):
@@ -59,13 +77,13 @@ class TruncatingProcessor:
 
 
 class ClipScorer:
-    """Mean CLIP score (100 × cosine, floored at 0) of images against their captions."""
+    """Mean CLIP score (100 × cosine, floored at 0) of images against their captions, by the CLIP `name`."""
 
-    def __init__(self, clip: CLIPModel, processor: CLIPProcessor, device: str | torch.device = "cpu"):
+    def __init__(self, clip: CLIPModel, processor: CLIPProcessor, device: str | torch.device = "cpu", name: str = ""):
         self.processor = TruncatingProcessor(processor, clip.config.text_config.max_position_embeddings)
-        model = PooledClip(clip.eval())
-        self.metric = CLIPScore(model_name_or_path=lambda: (model, self.processor)).to(device)
-        self.device = torch.device(device)
+        self.model = PooledClip(clip.eval()).to(device)
+        self.metric = CLIPScore(model_name_or_path=lambda: (self.model, self.processor)).to(device)
+        self.device, self.name = torch.device(device), name
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, captions: list[str], batch_size: int = 64) -> float:
@@ -77,15 +95,53 @@ class ClipScorer:
             self.metric.update(images[start:start + batch_size].to(self.device), captions[start:start + batch_size])
         return float(self.metric.compute())
 
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor | None = None, captions: list[str] | None = None,
+              batch_size: int = 256) -> torch.Tensor:
+        """Unit-length projected features of uint8 images (N, 3, H, W) or of captions: (N, D), prepared by
+        the processor torchmetrics uses, so `100 * (a * b).sum(-1)` floored at 0 is the CLIP score."""
+        chunks = []
+        for start in range(0, len(images if captions is None else captions), batch_size):
+            if captions is None:
+                pixels = self.processor(images=list(images[start:start + batch_size]), return_tensors="pt")["pixel_values"]
+                chunks.append(self.model.get_image_features(pixels.to(self.device)))
+            else:
+                text = self.processor(text=captions[start:start + batch_size], return_tensors="pt", padding=True)
+                chunks.append(self.model.get_text_features(text["input_ids"].to(self.device), text["attention_mask"].to(self.device)))
+        return F.normalize(torch.cat(chunks).float(), dim=-1).cpu()
 
-def load_clip_score(name: str | None, device: str | torch.device = "cpu") -> tuple[ClipScorer | None, str | None]:
-    """(scorer, None), or (None, a one-line notice) when no CLIP is configured or none can be loaded here."""
+
+def load_clip_score(name: str | None, device: str | torch.device = "cpu",
+                    data_root: str | Path | None = None) -> tuple[ClipScorer | None, str | None]:
+    """(scorer, None), or (None, a one-line notice) when no CLIP is configured or none can be loaded here.
+    `trained` needs `data_root`: the dataset whose CLIP it is."""
     if name is None:
         return None, "CLIP score skipped: eval.clip_model is null"
+    label = name
+    if name == TRAINED:
+        found, label = trained_clip(data_root)
+        if found is None:
+            return None, label
+        name = str(found)
     try:
         clip, processor = CLIPModel.from_pretrained(name), CLIPProcessor.from_pretrained(name)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0][:160]
         return None, (f"CLIP score skipped: no CLIP at {name!r} on this machine ({reason}); "
                       "set eval.clip_model to a local CLIP directory")
-    return ClipScorer(clip, processor, device), None
+    return ClipScorer(clip, processor, device, label), None
+
+
+def trained_clip(data_root: str | Path | None) -> tuple[Path | None, str]:
+    """(directory, its name in reports) of the CLIP trained on this dataset, or (None, why there is none)."""
+    if data_root is None:
+        raise ValueError("eval.clip_model=trained needs the dataset whose CLIP it is (data_root)")
+    path, dataset = trained_clip_dir(data_root), read_manifest(data_root)["key"]
+    summary = verified_summary(path, WEIGHTS)
+    train = "`python -m experiments.train_clip --config <the run's config>` trains one"
+    if summary is None:
+        return None, f"CLIP score skipped: no CLIP trained on {data_root} yet at {path} ({train})"
+    if summary["made_from"]["dataset"] != dataset:
+        return None, (f"CLIP score skipped: the CLIP at {path} was trained on other data (dataset "
+                      f"{summary['made_from']['dataset']}, this one is {dataset}); {train}")
+    return path, f"CLIP trained here on {data_root} (dataset {dataset}, weights {summary['weights_sha256'][:8]})"

@@ -9,7 +9,8 @@ val split has fewer; the same noise at every grid point, so points are paired) a
 
     FID, KID         against eval.reference_split (clean-fid protocol, cached reference statistics)
     adherence_*      the exact oracle, per attribute and per whole caption (built-in scenes only)
-    clip_score       torchmetrics CLIPScore with eval.clip_model (skipped, with a notice, if none loads)
+    clip_score       torchmetrics CLIPScore by eval.clip_model: by default the CLIP trained on this dataset
+                     (experiments.train_clip); skipped, with a notice, if none loads; reports name the CLIP
     val_loss, _t*    validation loss at the fixed times eval.val_t (does not depend on sampling)
 
 Outputs in <run dir>/eval/step_<N>/ (or --out): report.json, report.md, curves.png (FID and adherence
@@ -112,7 +113,7 @@ class Evaluator:
         self.inception = Inception(self.device)
         self.reference, self.reference_key = reference_statistics(cfg, self.inception, num_samples, verbose)
         self.floor = self._real_vs_real(verbose)
-        self.clip, clip_notice = load_clip_score(cfg.eval.clip_model, self.device)
+        self.clip, clip_notice = load_clip_score(cfg.eval.clip_model, self.device, cfg.data.root)
         self.notices = [n for n in (adherence_notice, clip_notice) if n]
         for notice in self.notices:
             print(notice)
@@ -195,6 +196,8 @@ def markdown(report: dict[str, Any]) -> str:
         row += [f"{m['clip_score']:.2f}"] if has_clip else []
         row += [f"{m['sample_img_per_s']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
+    if report["clip"]:
+        lines += ["", f"CLIP score by: {report['clip']}."]
     oracle = report["oracle_on_real_images"]
     if oracle:
         lines += ["", f"The oracle on {oracle['images']} real held-out images at this resolution (its ceiling): "
@@ -206,10 +209,10 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def log_to_mlflow(uri: str, trained: ExperimentConfig, report: dict[str, Any], out: Path) -> list[str]:
-    """One nested child run per grid point under the checkpoint's run (found by its run name); the report
-    files as artifacts of that run. Returns the child run ids (empty if MLflow did not answer)."""
-    key, step, backlog = trained.run_name(), report["step"], out / "tracking_backlog.jsonl"
+def log_to_mlflow(uri: str, trained: ExperimentConfig, key: str, report: dict[str, Any], out: Path) -> list[str]:
+    """One nested child run per grid point under the checkpoint's run (found by its run name `key`); the
+    report files as artifacts of that run. Returns the child run ids (empty if MLflow did not answer)."""
+    step, backlog = report["step"], out / "tracking_backlog.jsonl"
     parent = Tracker(uri, trained.name, key, backlog=backlog)
     for name in ("report.md", "report.json", "curves.png"):
         parent.log_artifact(out / name, f"eval/step_{step:06d}")
@@ -225,6 +228,7 @@ def log_to_mlflow(uri: str, trained: ExperimentConfig, report: dict[str, Any], o
         child.log_params({"sampler": point["sampler"], "steps": point["steps"], "cfg_scale": point["cfg_scale"],
                           "num_samples": report["num_samples"], "weights": report["weights"], "step": step,
                           "reference_images": report["reference"]["images"]})
+        child.set_tags({"clip_model": report["clip"] or "none"})  # a tag, not a param: evaluating again with another CLIP updates it
         child.log_metrics({f"eval/{k}": v for k, v in point["metrics"].items()}
                           | {"eval/val_loss": report["val_loss"]}
                           | {f"eval/val_loss_t{float(t):.3f}": v for t, v in report["val_loss_by_t"].items()}, step)
@@ -240,9 +244,11 @@ def log_to_mlflow(uri: str, trained: ExperimentConfig, report: dict[str, Any], o
 
 def evaluate(checkpoint: str | Path, *, samplers: list[str] | None = None, steps: list[int] | None = None,
              scales: list[float] | None = None, overrides: list[str] | None = None, out: str | Path | None = None,
-             tracking_uri: str | None = None, device: str | None = None, verbose: bool = True) -> dict[str, Any]:
+             tracking_uri: str | None = None, device: str | None = None, verbose: bool = True,
+             run_name: str | None = None) -> dict[str, Any]:
     """Score one checkpoint at every grid point of samplers × steps × CFG scales (each defaulting to the
-    checkpoint's own sample setting); returns the report."""
+    checkpoint's own sample setting); returns the report. The MLflow runs nest under the run `run_name`
+    (default: the name of the run the checkpoint's config makes today)."""
     path = resolve_checkpoint(checkpoint)
     trained = read_config(path)
     cfg = build_config(trained.to_dict(), overrides)
@@ -269,11 +275,12 @@ def evaluate(checkpoint: str | Path, *, samplers: list[str] | None = None, steps
         print(f"{setting.name}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
     report = {"checkpoint": str(path), "step": step, "weights": cfg.eval.weights, "num_samples": cfg.eval.num_samples,
               "reference": evaluator.reference_key, "real_vs_real": evaluator.floor, "oracle_on_real_images": evaluator.oracle, "val_loss": sum(val.values()) / len(val),
-              "val_loss_by_t": {f"{t:.3f}": v for t, v in val.items()}, "points": points, "notices": evaluator.notices}
+              "val_loss_by_t": {f"{t:.3f}": v for t, v in val.items()}, "points": points,
+              "clip": evaluator.clip.name if evaluator.clip else None, "notices": evaluator.notices}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     eval_curves(points, out / "curves.png")
-    report["mlflow_child_runs"] = log_to_mlflow(tracking_uri or default_uri(), trained, report, out)
+    report["mlflow_child_runs"] = log_to_mlflow(tracking_uri or default_uri(), trained, run_name or trained.run_name(), report, out)
     report["out"] = str(out)
     return report
 

@@ -2,12 +2,12 @@
 
     python -m experiments.demo [--config experiments/configs/demo.yaml] [--set k=v ...]
 
-Prepares the scenes, trains the latent autoencoder (or reuses one made from the same settings and
-data: the one at autoencoder.path, or a shipped one from experiments/autoencoders/), builds the latent
-cache (or reuses a fresh one), trains the MMDiT with Ray Train, evaluates its final checkpoint (FID,
-KID, prompt adherence; eval.num_samples images at the config's sampling settings, decoded by the frozen
-decoder), and prints the autoencoder's fidelity, where the samples are, the headline metrics and how
-to open the MLflow UI.
+Prepares the scenes, trains the latent autoencoder and the CLIP that scores (or reuses each one made
+from the same settings and data: the one in place, or a shipped one from experiments/autoencoders/ and
+experiments/clips/), builds the latent cache (or reuses a fresh one), trains the MMDiT with Ray Train,
+evaluates its final checkpoint (FID, KID, prompt adherence, CLIP score; eval.num_samples images at the
+config's sampling settings, decoded by the frozen decoder), and prints the autoencoder's fidelity, the
+CLIP's validation, where the samples are, the headline metrics and how to open the MLflow UI.
 """
 
 from __future__ import annotations
@@ -17,21 +17,25 @@ import time
 from pathlib import Path
 
 from eval import evaluate
+from eval.clip_score import TRAINED
+from eval.clip_validation import describe as describe_clip
 
-from . import cache_latents, prepare_data, train, train_autoencoder
+from . import cache_latents, prepare_data, train, train_autoencoder, train_clip
 from .cli import config_parser, resolve_config
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
-def prepare_inputs(cfg, stage=lambda name, run: run()) -> dict | None:
-    """What training reads, each made or reused: the shards, the trained autoencoder (its summary, or None
-    for another kind), the latent cache. `stage(name, run)` runs each step (the demo times them)."""
+def prepare_inputs(cfg, stage=lambda name, run: run()) -> tuple[dict | None, dict | None]:
+    """What training and evaluation read, each made or reused: the shards, the trained autoencoder, the
+    trained CLIP (their summaries, or None where the config uses another kind), the latent cache.
+    `stage(name, run)` runs each step (the demo times them)."""
     stage("data", lambda: prepare_data.prepare(cfg))
     ae = stage("autoencoder", lambda: train_autoencoder.reuse_or_train(cfg)) if cfg.autoencoder.kind == "trained" else None
+    clip = stage("CLIP", lambda: train_clip.reuse_or_train(cfg)) if cfg.eval.clip_model == TRAINED else None
     if cfg.data.latent_cache:
         stage("latent cache", lambda: cache_latents.reuse_or_build(cfg))
-    return ae
+    return ae, clip
 
 
 def main(argv=None) -> dict:
@@ -46,7 +50,7 @@ def main(argv=None) -> dict:
         seconds[name] = round(time.perf_counter() - t0, 1)
         return out
 
-    ae = prepare_inputs(cfg, stage)
+    ae, clip = prepare_inputs(cfg, stage)
     summary = stage("training (Ray Train)", lambda: train.fit(cfg))
     report = stage("evaluation", lambda: evaluate.evaluate(summary["checkpoint"]))
     summary["eval"] = {"report": f"{report['out']}/report.md", **report["points"][0]["metrics"]}
@@ -54,6 +58,8 @@ def main(argv=None) -> dict:
     summary["stage_seconds"] = seconds
     if ae is not None:
         summary["autoencoder"] = {"path": cfg.autoencoder.path, "fidelity": ae["fidelity"], "train_seconds": ae["train_seconds"]}
+    if clip is not None:
+        summary["clip"] = {"name": report["clip"], "validation": clip["validation"], "train_seconds": clip["train_seconds"]}
     run_dir = Path(summary["grid"]).parent.parent
     (run_dir / "demo.json").write_text(json.dumps(summary, indent=2))
 
@@ -63,13 +69,20 @@ def main(argv=None) -> dict:
     print(f"checkpoint: {summary.get('checkpoint')}")
     if ae is not None:
         print(f"autoencoder ({cfg.autoencoder.path}): {train_autoencoder.describe(ae)}")
+    if clip is not None:
+        print(f"CLIP ({train_clip.trained_clip_dir(cfg.data.root)}): {describe_clip(clip['validation'])}")
     print(f"val loss {summary['val_loss']:.4f}   train loss (last {cfg.train.log_every} steps) "
           f"{summary['train_loss_last']:.4f}   stages (s): {json.dumps(seconds)}")
     m = summary["eval"]
-    print(f"eval on {int(m['num_samples'])} samples for held-out captions: FID {m['fid']:.1f}  KID {m['kid']:.4f}  adherence: "
-          f"colour {100 * m['adherence_colour']:.0f}%  position {100 * m['adherence_position']:.0f}%  "
-          f"shape {100 * m['adherence_shape']:.0f}%  whole caption with shape {100 * m['adherence_whole_shape']:.0f}%  "
-          f"({summary['eval']['report']})")
+    line = (f"eval on {int(m['num_samples'])} samples for held-out captions: FID {m['fid']:.1f}  KID {m['kid']:.4f}  adherence: "
+            f"colour {100 * m['adherence_colour']:.0f}%  position {100 * m['adherence_position']:.0f}%  "
+            f"shape {100 * m['adherence_shape']:.0f}%  whole caption with shape {100 * m['adherence_whole_shape']:.0f}%")
+    if "clip_score" in m:
+        line += f"  CLIP score {m['clip_score']:.1f}"
+        if clip is not None:
+            real = clip["validation"]["own_vs_shuffled"]
+            line += f" (real held-out images: {real['own']:.1f} with their captions, {real['shuffled']:.1f} with shuffled ones)"
+    print(f"{line}  ({summary['eval']['report']})")
     print(f"MLflow run {summary['mlflow_run_id']} ({summary['status']}): `make ui`, then http://127.0.0.1:5000")
     return summary
 

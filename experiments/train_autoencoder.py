@@ -14,9 +14,6 @@ recon.png (top: originals, bottom: reconstructions). The run is tracked in MLflo
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,17 +31,14 @@ from mmdit_core.config import ExperimentConfig, flatten
 from mmdit_core.data.images import to_uint8
 from mmdit_core.data.shards import SkipCounts, make_loader, read_manifest, split_shards
 from mmdit_core.data.training import read_split
-from mmdit_core.files import atomic_directory, sha256_file
 
-from .bench import cpu_name
-from .cli import config_parser, resolve_config
-from .tracking import Tracker, default_uri, git_commit
+from .stage import Stage, descend
+from .tracking import Tracker
 
-EXPERIMENT = "autoencoder"
-# Autoencoders this command trained, committed with their summaries: reused when made from the same
-# settings and data (`python -m experiments.train_autoencoder --config C` reproduces each one).
-SHIPPED = Path(__file__).parent / "autoencoders"
-WEIGHTS = "diffusion_pytorch_model.safetensors"  # what save_pretrained writes
+# Autoencoders this command trained are committed in experiments/autoencoders with their summaries and
+# reused when made from the same settings and data (`python -m experiments.train_autoencoder --config C`
+# reproduces each one). The weights file is what save_pretrained writes.
+STAGE = Stage("autoencoder", weights="diffusion_pytorch_model.safetensors", shipped=Path(__file__).parent / "autoencoders")
 LOG_EVERY = 50  # training steps between logged losses
 FIDELITY_IMAGES = 1024  # val images the fidelity is measured on (all of a smaller split)
 ORACLE_FIELDS = ("colour", "position", "shape", "whole", "whole_shape")
@@ -66,11 +60,6 @@ def made_from(cfg: ExperimentConfig) -> dict[str, Any]:
             "seed": cfg.train.seed}
 
 
-def run_key(made: dict[str, Any]) -> str:
-    """The MLflow run of these settings and data (training them again re-attaches it)."""
-    return "autoencoder-" + hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:8]
-
-
 def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[AutoencoderKL, dict[str, Any]]:
     """The trained VAE with its latent shift and scale set, and what training measured."""
     ae_cfg = cfg.autoencoder
@@ -85,11 +74,7 @@ def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[AutoencoderKL, dict[
     batches = iter(loader)
     for step in (bar := tqdm(range(1, ae_cfg.train_steps + 1), desc="autoencoder", unit="step")):
         loss, parts = vae_loss(vae, next(batches)["image"], ae_cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        descend(loss, optimizer, schedule)
         if step % LOG_EVERY == 0 or step == ae_cfg.train_steps:
             tracker.log_metrics({"train/loss": loss.item(), **{f"train/{k}": v for k, v in parts.items()}}, step)
             bar.set_postfix(recon=f"{parts['recon']:.5f}")
@@ -135,36 +120,18 @@ def train_and_save(cfg: ExperimentConfig, tracking_uri: str | None = None) -> di
     if cfg.autoencoder.kind != "trained":
         raise SystemExit(f"error: autoencoder.kind={cfg.autoencoder.kind}: only the `trained` kind is trained here "
                          "(--set autoencoder.kind=trained, or --config experiments/configs/demo.yaml)")
-    made = made_from(cfg)
-    out = Path(cfg.autoencoder.path)
-    tracker = Tracker(tracking_uri or default_uri(), EXPERIMENT, run_key(made),
-                      backlog=out.parent / f"{out.name}.tracking_backlog.jsonl",
-                      tags={"git_commit": git_commit(), "config": cfg.name, "dataset": made["dataset"]})
-    tracker.set_status("RUNNING")
-    tracker.log_params({f"autoencoder.{k}": v for k, v in flatten(made["autoencoder"]).items()}
-                       | {"data.root": cfg.data.root, "dataset": made["dataset"], "seed": made["seed"]})
-    status, error = "FAILED", None
-    try:
+    made, out = made_from(cfg), Path(cfg.autoencoder.path)
+    params = ({f"autoencoder.{k}": v for k, v in flatten(made["autoencoder"]).items()}
+              | {"data.root": cfg.data.root, "dataset": made["dataset"], "seed": made["seed"]})
+    with STAGE.tracked(made, out, params, tracking_uri, cfg.name) as tracker:
         vae, trained = train(cfg, tracker)
         measured, recon_image = fidelity(cfg, Autoencoder(cfg.autoencoder, vae))
-        summary = {**trained, "fidelity": measured, "made_from": made,
-                   "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads()}}
-        with atomic_directory(out) as tmp:  # weights, summary and image appear together or not at all
-            vae.save_pretrained(tmp)
-            summary["weights_sha256"] = sha256_file(tmp / WEIGHTS)
-            recon_image.save(tmp / "recon.png")
-            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = {**trained, "fidelity": measured, "made_from": made}
+        STAGE.save(out, summary, lambda tmp: (vae.save_pretrained(tmp), recon_image.save(tmp / "recon.png")))
         tracker.log_metrics(fidelity_metrics(measured), cfg.autoencoder.train_steps)
         for name in ("recon.png", "summary.json"):
             tracker.log_artifact(out / name)
-        status = "FINISHED"
         return summary
-    except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        tracker.set_status(status, error)
-        print(tracker.close().summary())
 
 
 def fidelity_metrics(measured: dict[str, Any]) -> dict[str, float]:
@@ -175,44 +142,15 @@ def fidelity_metrics(measured: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def verified_summary(directory: Path) -> dict[str, Any] | None:
-    """The summary of the autoencoder in `directory` if its weights are the ones it describes, else None."""
-    summary_file, weights = directory / "summary.json", directory / WEIGHTS
-    if not (summary_file.is_file() and weights.is_file()):
-        return None
-    summary = json.loads(summary_file.read_text())
-    return summary if summary.get("weights_sha256") == sha256_file(weights) else None
-
-
 def reuse_or_train(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[str, Any]:
     """The autoencoder trained from these settings and this data (the dataset key is checked): the one at
     autoencoder.path, else a shipped one copied there, else a new one trained."""
-    made, path = made_from(cfg), Path(cfg.autoencoder.path)
-    shipped = sorted(p for p in SHIPPED.iterdir() if p.is_dir()) if SHIPPED.is_dir() else []
-    for directory in (path, *shipped):
-        summary = verified_summary(directory)
-        if summary is None or summary["made_from"] != made:
-            continue
-        if directory != path:
-            with atomic_directory(path) as tmp:
-                shutil.copytree(directory, tmp, dirs_exist_ok=True)
-            print(f"copied the shipped autoencoder {directory} to {path} (made from these settings and data {made['dataset']})")
-        print(f"reusing the autoencoder at {path}: {describe(summary)}")
-        return summary
-    return train_and_save(cfg, tracking_uri)
+    return STAGE.reuse_or_train(made_from(cfg), Path(cfg.autoencoder.path), lambda: train_and_save(cfg, tracking_uri), describe)
 
 
 def main(argv=None) -> dict[str, Any]:
-    parser = config_parser(__doc__)
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
-    parser.add_argument("--reuse", action="store_true", help="keep an autoencoder trained from these settings and data")
-    args = parser.parse_args(argv)
-    cfg = resolve_config(args)
-    summary = (reuse_or_train if args.reuse else train_and_save)(cfg, args.tracking_uri)
-    print(json.dumps(summary, indent=2))
-    print(f"autoencoder saved to {cfg.autoencoder.path}: {describe(summary)}; "
-          f"reconstructions: {Path(cfg.autoencoder.path) / 'recon.png'}")
-    return summary
+    return STAGE.main(__doc__, argv, train_and_save, reuse_or_train, lambda cfg, summary: (
+        f"autoencoder saved to {cfg.autoencoder.path}: {describe(summary)}; reconstructions: {Path(cfg.autoencoder.path) / 'recon.png'}"))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
-"""File helpers shared by checkpoints and datasets: checksums and all-or-nothing directory writes."""
+"""File helpers shared by checkpoints, datasets and trained networks: checksums, all-or-nothing directory
+writes, and summaries that vouch for the weights beside them."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 def sha256_file(path: Path) -> str:
@@ -16,6 +18,15 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def verified_summary(directory: str | Path, weights: str) -> dict[str, Any] | None:
+    """directory/summary.json if the file `weights` beside it is the one its `weights_sha256` names, else None."""
+    summary_file, weights_file = Path(directory) / "summary.json", Path(directory) / weights
+    if not (summary_file.is_file() and weights_file.is_file()):
+        return None
+    summary = json.loads(summary_file.read_text())
+    return summary if summary.get("weights_sha256") == sha256_file(weights_file) else None
 
 
 @contextmanager

@@ -147,12 +147,14 @@ def test_evaluate_cli_writes_report_and_nested_mlflow_runs(tmp_path, tiny_clip):
     assert saved["oracle_on_real_images"]["colour"] > 0.9  # the oracle reads the real 16-pixel scenes
     assert saved["real_vs_real"]["split"] == "val" and saved["real_vs_real"]["fid"] < metrics["fid"]
     assert "| euler | 2 | 3 |" in (out / "report.md").read_text() and "N=6" in (out / "report.md").read_text()
+    assert saved["clip"] == str(tiny_clip) and f"CLIP score by: {tiny_clip}." in (out / "report.md").read_text()
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.name)
     (parent,) = client.search_runs([experiment.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{cfg.run_name()}'")
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["clip_model"] for c in children} == {str(tiny_clip)}  # which CLIP scored, on every eval run
     history = client.get_metric_history(children[0].info.run_id, "eval/fid")
     assert [m.step for m in history] == [2]
 

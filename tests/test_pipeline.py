@@ -1,14 +1,16 @@
 """The data-stage commands end to end on a tiny config: prepare -> autoencoder -> latent cache -> bench."""
 
+import dataclasses
 import json
 import shutil
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments import bench, cache_latents, prepare_data, train_autoencoder
+from experiments import bench, cache_latents, prepare_data, train_autoencoder, train_clip
 from experiments.tracking import PROJECT_ROOT
 from mmdit_core.config import load_config
+from mmdit_core.files import verified_summary
 
 
 def test_data_stage_commands(tmp_path, capsys, monkeypatch):
@@ -43,15 +45,15 @@ def test_data_stage_commands(tmp_path, capsys, monkeypatch):
     assert "reusing the autoencoder" in capsys.readouterr().out
     shipped = tmp_path / "shipped"
     shutil.copytree(tmp_path / "ae", shipped / "tiny")
-    monkeypatch.setattr(train_autoencoder, "SHIPPED", shipped)
+    monkeypatch.setattr(train_autoencoder, "STAGE", dataclasses.replace(train_autoencoder.STAGE, shipped=shipped))
     shutil.rmtree(tmp_path / "ae")
     assert train_autoencoder.reuse_or_train(cfg, uri) == summary  # the shipped copy, verified and copied into place
     assert "copied the shipped autoencoder" in capsys.readouterr().out and (tmp_path / "ae" / "recon.png").is_file()
     other_data = load_config(None, common + ["data.seed=1"])
     prepare_data.prepare(other_data)
-    assert train_autoencoder.verified_summary(shipped / "tiny")["made_from"] != train_autoencoder.made_from(other_data)
-    (shipped / "tiny" / train_autoencoder.WEIGHTS).write_bytes(b"not the weights")
-    assert train_autoencoder.verified_summary(shipped / "tiny") is None
+    assert verified_summary(shipped / "tiny", train_autoencoder.STAGE.weights)["made_from"] != train_autoencoder.made_from(other_data)
+    (shipped / "tiny" / train_autoencoder.STAGE.weights).write_bytes(b"not the weights")
+    assert verified_summary(shipped / "tiny", train_autoencoder.STAGE.weights) is None
     retrained = train_autoencoder.reuse_or_train(other_data, uri)  # another dataset key: trained, never the shipped one
     assert retrained["made_from"]["dataset"] != summary["made_from"]["dataset"]
     prepare_data.prepare(cfg)
@@ -92,13 +94,17 @@ def test_bad_config_fails_before_any_work(tmp_path):
     assert not (tmp_path / "ds").exists()
 
 
-def test_demo_is_latent_and_its_shipped_autoencoder_was_made_from_its_settings_and_data(tmp_path):
-    """`make demo` trains in the frozen autoencoder's latents; the autoencoder shipped for it matches its
-    settings, its seed and the key of the data it renders on this machine (so a fresh clone reuses it)."""
+def test_demo_is_latent_and_its_shipped_autoencoder_and_clip_were_made_from_its_settings_and_data(tmp_path):
+    """`make demo` trains in the frozen autoencoder's latents and scores with the CLIP trained on its scenes;
+    the autoencoder and the CLIP shipped for it match its settings, its seed and the key of the data it
+    renders on this machine (so a fresh clone reuses both)."""
     cfg = load_config(PROJECT_ROOT / "experiments" / "configs" / "demo.yaml", [f"data.root={tmp_path / 'scenes'}"])
     ae = cfg.autoencoder
     assert ae.kind == "trained" and cfg.data.latent_cache and cfg.flow.loss_space == "latent"
     assert (cfg.model.in_channels, cfg.model.input_size) == (ae.latent_channels, cfg.data.image_size // ae.factor)
     prepare_data.prepare(cfg)
-    shipped = [train_autoencoder.verified_summary(p) for p in sorted(train_autoencoder.SHIPPED.iterdir())]
+    shipped = [verified_summary(p, train_autoencoder.STAGE.weights) for p in sorted(train_autoencoder.STAGE.shipped.iterdir())]
     assert train_autoencoder.made_from(cfg) in [s["made_from"] for s in shipped if s is not None]
+    assert cfg.eval.clip_model == "trained"
+    shipped = [verified_summary(p, train_clip.STAGE.weights) for p in sorted(train_clip.STAGE.shipped.iterdir())]
+    assert train_clip.made_from(cfg) in [s["made_from"] for s in shipped if s is not None]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ablations.stats import mean_interval, paired_difference, verdict
+from eval.stats import mean_interval, paired_difference, verdict
 
 
 def test_mean_interval_matches_known_numbers_and_scipy():

@@ -3,11 +3,12 @@ each checkpoint without retraining, nested MLflow runs, and a rerun that adds no
 
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from ablations import report, sweep
 from ablations.plan import SweepPlan
-from experiments import prepare_data
+from experiments import prepare_data, train_clip
 from experiments.train import Faults
 from experiments.tracking import RUN_KEY_TAG
 from mmdit_core.config import load_config
@@ -52,6 +53,20 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
     assert "too few for confident intervals" in text and (tmp_path / "report" / "sdpa_layout.png").is_file()
     assert (tmp_path / "report" / "cfg_scale_by_trained_arm.png").is_file()
     assert written["summary"]["cfg_scale"]["eval/fid"]["2.0"]["mean"].n == 1
+    assert written["agreement"] is None and "CLIP score" not in text  # trained without a CLIP: none scored
+
+    # a CLIP trained for the sweep's data afterwards: the trials are evaluated again from their checkpoints
+    train_clip.train_and_save(load_config(TINY, [*overrides, "clip.train_steps=2", "clip.width=32", "clip.num_heads=2",
+                                                 "clip.depth=1", "clip.batch_size=8"]), uri)
+    again = sweep.reevaluate(result["sweep"], uri, ("eval.clip_model=trained",))
+    assert again["failed"] == 0 and set(again["trials"]) == {r.data.tags[RUN_KEY_TAG] for r in trials}
+    assert len(client.search_runs([experiment], "")) == 1 + 2 + 4  # the same runs, scored again
+    for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"):
+        assert "eval/clip_score" in run.data.metrics and len(client.get_metric_history(run.info.run_id, "train/loss")) == 1
+        for ev in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'"):
+            assert ev.data.tags["clip_model"].startswith("CLIP trained here on") and "eval/clip_score" in ev.data.metrics
+    rescored = report.report(result["sweep"], uri, tmp_path / "report")
+    assert "CLIP score by: CLIP trained here on" in Path(rescored["files"][0]).read_text()
 
 
 def test_report_summary_reads_each_axis_against_its_reference_with_intervals(tmp_path):
@@ -91,24 +106,46 @@ def test_val_losses_of_arms_that_train_on_different_losses_are_not_compared():
     assert f"| {report.NOT_COMPARABLE} |" in report.markdown("s", summary, seeds=3)
 
 
+def test_the_report_ranks_clip_score_against_the_oracle_and_names_the_clips():
+    def obs(arm, seed, clip_score, whole, clip="CLIP A"):
+        return report.Observation({"pos_emb": arm}, {"cfg_scale": "1.0"}, seed,
+                                  {"eval/clip_score": clip_score, "eval/adherence_whole": whole}, clip=clip)
+
+    observations = [obs("learned", s, 30 + s, 0.9 + 0.01 * s) for s in range(3)]
+    observations += [obs("none", s, 20 + s, 0.2 + 0.01 * s) for s in range(3)]
+    observations.append(report.Observation({"pos_emb": "learned"}, {"cfg_scale": "7.0"}, 0, {"eval/clip_score": 0.0}))
+    agreement = report.oracle_agreement(observations)  # the CFG-7 point is off the reference sampling: not ranked
+    assert agreement["trials"] == 6 and agreement["clips"] == ["CLIP A"]
+    assert agreement["eval/adherence_whole"]["rho"] == pytest.approx(1.0) and "eval/adherence_whole_shape" not in agreement
+    summary = report.summarise(observations, {"pos_emb": ["learned", "none"], "cfg_scale": ["1.0", "7.0"]})
+    text = report.markdown("s", summary, 3, agreement)
+    assert "CLIP score by: CLIP A." in text and "Spearman ρ of CLIP score with whole-caption adherence over the 6 trials" in text
+    assert "CLIP score" in text.split("## Headline")[1].splitlines()[2]  # a column of the headline table
+
+    observations[0].clip = "CLIP B"
+    assert "**CLIP scores come from 2 different CLIPs, which are not comparable**" in report.agreement_lines(
+        report.oracle_agreement(observations))[0]
+
+
 def test_sampling_arms_of_one_grid_axis_share_one_evaluation(monkeypatch):
     calls = []
 
     def fake_evaluate(checkpoint, *, overrides, samplers=None, steps=None, scales=None, **_):
         calls.append((tuple(overrides), samplers, steps, scales))
         grid = [(s, n, c) for s in samplers or ["euler"] for n in steps or [25] for c in scales or [1.0]]
-        return {"points": [{"metrics": {"fid": 100 * c + n + (s == "heun") + ("eval.weights=model" in overrides)}}
-                           for s, n, c in grid]}
+        return {"step": 7, "points": [{"metrics": {"fid": 100 * c + n + (s == "heun") + ("eval.weights=model" in overrides)}}
+                                      for s, n, c in grid]}
 
     monkeypatch.setattr(sweep, "evaluate", fake_evaluate)
     plan = SweepPlan("p", "c.yaml", {"pos_emb": ("learned",), "cfg_scale": ("1.0", "4.0"), "steps": ("8", "25"),
                                      "ema": ("ema", "model")}, seeds=1)
-    results = sweep.evaluate_arms(plan, "ckpt", "sqlite://")
+    results, step = sweep.evaluate_arms(plan, "ckpt", "sqlite://")
+    assert step == 7
     reference = ("sample.cfg_scale=1.0", "sample.steps=25", "eval.weights=ema")
     assert calls == [(reference, None, None, [1.0, 4.0]), (reference, None, [8, 25], None),
                      (("sample.cfg_scale=1.0", "sample.steps=25", "eval.weights=model"), None, None, None)]
     assert results == {"eval/fid": 125, "eval_cfg_scale_4.0/fid": 425, "eval_steps_8/fid": 108, "eval_ema_model/fid": 126}
 
     calls.clear()
-    assert sweep.evaluate_arms(SweepPlan("p", "c.yaml", {"pos_emb": ("learned",)}, seeds=1), "ckpt", "sqlite://") == {"eval/fid": 125}
+    assert sweep.evaluate_arms(SweepPlan("p", "c.yaml", {"pos_emb": ("learned",)}, seeds=1), "ckpt", "sqlite://") == ({"eval/fid": 125}, 7)
     assert calls == [((), None, None, None)]  # no sampling axis: one evaluation at the config's own settings

@@ -1,4 +1,5 @@
-"""Confidence intervals over seeds, and the verdict a sweep report gives for an arm against its reference.
+"""Confidence intervals (over a sweep's seeds, over a validation's images) and the verdict a sweep
+report gives for an arm against its reference.
 
 Student-t intervals: with the 2-5 seeds a sweep affords, a normal interval would be far too narrow.
 Differences to the reference arm are paired by seed (same seed: same initial weights and data

@@ -1,0 +1,112 @@
+"""What the frozen networks trained here (the latent autoencoder, the CLIP that scores) share: each is
+trained once per settings and data, saved all at once with the sha256 of its weights, tracked as an
+MLflow run, and reused (from its own directory, or a committed copy) when made from the same settings
+and data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmdit_core.config import ExperimentConfig
+from mmdit_core.files import atomic_directory, sha256_file, verified_summary
+
+from .bench import cpu_name
+from .cli import config_parser, resolve_config
+from .tracking import Tracker, default_uri, git_commit
+
+Trains = Callable[[ExperimentConfig, "str | None"], dict[str, Any]]  # (config, tracking URI) -> summary
+
+
+def descend(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedule, max_grad_norm: float = 1.0) -> None:
+    """One optimizer step on `loss`, its gradients clipped to `max_grad_norm`, then one schedule step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_grad_norm)
+    optimizer.step()
+    schedule.step()
+
+
+@dataclass(frozen=True)
+class Stage:
+    experiment: str  # MLflow experiment of its runs
+    weights: str  # the file in its directory whose sha256 the summary records
+    shipped: Path  # committed copies, each a directory with its summary
+
+    def run_key(self, made: dict[str, Any]) -> str:
+        """The MLflow run of these settings and data (training them again re-attaches it)."""
+        return f"{self.experiment}-" + hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:8]
+
+    @contextmanager
+    def tracked(self, made: dict[str, Any], out: Path, params: dict[str, Any], tracking_uri: str | None,
+                config_name: str) -> Iterator[Tracker]:
+        """A RUNNING MLflow run of this training; FINISHED if the block returns, else FAILED with the error."""
+        tracker = Tracker(tracking_uri or default_uri(), self.experiment, self.run_key(made),
+                          backlog=out.parent / f"{out.name}.tracking_backlog.jsonl",
+                          tags={"git_commit": git_commit(), "config": config_name, "dataset": made["dataset"]})
+        tracker.set_status("RUNNING")
+        tracker.log_params(params)
+        status, error = "FAILED", None
+        try:
+            yield tracker
+            status = "FINISHED"
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            tracker.set_status(status, error)
+            print(tracker.close().summary())
+
+    def save(self, out: Path, summary: dict[str, Any], write: Callable[[Path], None]) -> None:
+        """`write(tmp)` fills a temporary directory; the summary (with the weights' sha256 and the machine)
+        joins it, and all of it appears at `out` together or not at all."""
+        summary["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads()}
+        with atomic_directory(out) as tmp:
+            write(tmp)
+            summary["weights_sha256"] = sha256_file(tmp / self.weights)
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    def reuse_or_train(self, made: dict[str, Any], path: Path, train: Callable[[], dict[str, Any]],
+                       describe: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+        """The summary of the one made from `made`: at `path`, else a shipped one copied there, else `train()`."""
+        summary = self.reuse(made, path)
+        if summary is None:
+            return train()
+        print(f"reusing the {self.experiment} at {path}: {describe(summary)}")
+        return summary
+
+    def main(self, doc: str, argv: list[str] | None, train_and_save: Trains, reuse_or_train: Trains,
+             saved: Callable[[ExperimentConfig, dict[str, Any]], str]) -> dict[str, Any]:
+        """The stage's command: --config/--set, --tracking-uri and --reuse; prints the summary and `saved`."""
+        parser = config_parser(doc)
+        parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
+        parser.add_argument("--reuse", action="store_true", help=f"keep the {self.experiment} made from these settings and data")
+        args = parser.parse_args(argv)
+        cfg = resolve_config(args)
+        summary = (reuse_or_train if args.reuse else train_and_save)(cfg, args.tracking_uri)
+        print(json.dumps(summary, indent=2))
+        print(saved(cfg, summary))
+        return summary
+
+    def reuse(self, made: dict[str, Any], path: Path) -> dict[str, Any] | None:
+        """The summary of the one made from `made` at `path`, else of a shipped one copied there; else None."""
+        shipped = sorted(p for p in self.shipped.iterdir() if p.is_dir()) if self.shipped.is_dir() else []
+        for directory in (path, *shipped):
+            summary = verified_summary(directory, self.weights)
+            if summary is None or summary["made_from"] != made:
+                continue
+            if directory != path:
+                with atomic_directory(path) as tmp:
+                    shutil.copytree(directory, tmp, dirs_exist_ok=True)
+                print(f"copied the shipped {self.experiment} {directory} to {path} (made from these settings and data {made['dataset']})")
+            return summary
+        return None
