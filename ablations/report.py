@@ -218,11 +218,11 @@ def agreement_lines(agreement: dict[str, Any] | None) -> list[str]:
     clips = agreement["clips"]
     lines = [f"CLIP score by: {clips[0]}." if len(clips) == 1 else
              f"**CLIP scores come from {len(clips)} different CLIPs, which are not comparable**: " + "; ".join(clips) + "."]
-    for metric in AGREEMENT:
-        if metric in agreement:
-            a = agreement[metric]
-            lines.append(f"Agreement with the oracle: Spearman ρ of CLIP score with {METRICS[metric][0]} over the "
-                         f"{a['n']} trials (arms × seeds, reference sampling settings): {a['rho']:+.2f} (p = {a['p']:.2g}).")
+    ranked = [(METRICS[m][0], agreement[m]) for m in AGREEMENT if m in agreement]
+    if ranked:
+        lines.append(f"Agreement with the oracle, Spearman ρ of CLIP score over the {ranked[0][1]['n']} trials (arms × seeds, "
+                     "reference sampling settings): " + ", ".join(f"with {label} {a['rho']:+.2f} (p = {a['p']:.2g})"
+                                                                  for label, a in ranked) + ".")
     return [" ".join(lines), ""]
 
 

@@ -38,9 +38,14 @@ def descend(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedule, max_
 
 @dataclass(frozen=True)
 class Stage:
-    experiment: str  # MLflow experiment of its runs
+    label: str  # what it is, in messages: "autoencoder", "CLIP"
     weights: str  # the file in its directory whose sha256 the summary records
     shipped: Path  # committed copies, each a directory with its summary
+
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment of its runs."""
+        return self.label.lower()
 
     def run_key(self, made: dict[str, Any]) -> str:
         """The MLflow run of these settings and data (training them again re-attaches it)."""
@@ -81,7 +86,7 @@ class Stage:
         summary = self.reuse(made, path)
         if summary is None:
             return train()
-        print(f"reusing the {self.experiment} at {path}: {describe(summary)}")
+        print(f"reusing the {self.label} at {path}: {describe(summary)}")
         return summary
 
     def main(self, doc: str, argv: list[str] | None, train_and_save: Trains, reuse_or_train: Trains,
@@ -89,7 +94,7 @@ class Stage:
         """The stage's command: --config/--set, --tracking-uri and --reuse; prints the summary and `saved`."""
         parser = config_parser(doc)
         parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
-        parser.add_argument("--reuse", action="store_true", help=f"keep the {self.experiment} made from these settings and data")
+        parser.add_argument("--reuse", action="store_true", help=f"keep the {self.label} made from these settings and data")
         args = parser.parse_args(argv)
         cfg = resolve_config(args)
         summary = (reuse_or_train if args.reuse else train_and_save)(cfg, args.tracking_uri)
@@ -107,6 +112,6 @@ class Stage:
             if directory != path:
                 with atomic_directory(path) as tmp:
                     shutil.copytree(directory, tmp, dirs_exist_ok=True)
-                print(f"copied the shipped {self.experiment} {directory} to {path} (made from these settings and data {made['dataset']})")
+                print(f"copied the shipped {self.label} {directory} to {path} (made from these settings and data {made['dataset']})")
             return summary
         return None

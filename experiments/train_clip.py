@@ -39,7 +39,7 @@ from .tracking import Tracker
 
 # CLIPs this command trained are committed in experiments/clips with their summaries and reused when
 # made from the same settings and data (`python -m experiments.train_clip --config C` reproduces each one).
-STAGE = Stage("clip", weights=WEIGHTS, shipped=Path(__file__).parent / "clips")
+STAGE = Stage("CLIP", weights=WEIGHTS, shipped=Path(__file__).parent / "clips")
 LOG_EVERY = 50  # training steps between logged losses
 VALIDATION_IMAGES = 1024  # val images the validation uses (all of a smaller split)
 SPECIAL = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")

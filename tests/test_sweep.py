@@ -119,7 +119,8 @@ def test_the_report_ranks_clip_score_against_the_oracle_and_names_the_clips():
     assert agreement["eval/adherence_whole"]["rho"] == pytest.approx(1.0) and "eval/adherence_whole_shape" not in agreement
     summary = report.summarise(observations, {"pos_emb": ["learned", "none"], "cfg_scale": ["1.0", "7.0"]})
     text = report.markdown("s", summary, 3, agreement)
-    assert "CLIP score by: CLIP A." in text and "Spearman ρ of CLIP score with whole-caption adherence over the 6 trials" in text
+    assert "CLIP score by: CLIP A." in text and "Spearman ρ of CLIP score over the 6 trials" in text
+    assert "with whole-caption adherence +1.00" in text
     assert "CLIP score" in text.split("## Headline")[1].splitlines()[2]  # a column of the headline table
 
     observations[0].clip = "CLIP B"
