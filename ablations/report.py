@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
-from scipy import stats  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
 
+from eval.stats import Interval, mean_interval, paired_difference, verdict  # noqa: E402
 from experiments.figures import titled_row  # noqa: E402
 from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri  # noqa: E402
 
 from .axes import get_axis  # noqa: E402
-from eval.stats import Interval, mean_interval, paired_difference, verdict  # noqa: E402
 
 # metric -> (label, higher is better)
 METRICS = {
@@ -76,9 +77,12 @@ def _at_reference(arms: dict[str, str]) -> bool:
 
 
 def observations(client, experiment_id: str, parent_id: str, axes: dict[str, list[str]]) -> list[Observation]:
+    """One observation per trial and sampling point: of several eval runs at one point (evaluated again
+    with other settings, e.g. more samples), the one that finished last."""
     sampling_axes = [name for name in axes if get_axis(name).kind == "sampling"]
     found = []
     for trial in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
+        latest: dict[tuple, tuple[int, Observation]] = {}
         training = {k.removeprefix("arm."): v for k, v in trial.data.tags.items() if k.startswith("arm.")}
         trained = {k: v for k, v in trial.data.metrics.items() if k in TRAINED}
         if trial.info.end_time:
@@ -89,8 +93,13 @@ def observations(client, experiment_id: str, parent_id: str, axes: dict[str, lis
                 value = ev.data.params[SAMPLING_FIELDS[get_axis(name).field]]
                 sampling[name] = next((arm for arm in axes[name] if _same(arm, value)), value)
             metrics = {k: v for k, v in ev.data.metrics.items() if k in METRICS}
-            found.append(Observation(training, sampling, int(trial.data.tags["seed"]), {**trained, **metrics}, ev.info.run_id,
-                                     ev.data.tags.get("clip_model", "none")))
+            # eval runs from before the CLIP was named carry no tag
+            clip = ev.data.tags.get("clip_model", "unknown" if "eval/clip_score" in metrics else "none")
+            point = tuple(sorted(sampling.items()))
+            if point not in latest or (ev.info.end_time or 0) > latest[point][0]:
+                latest[point] = (ev.info.end_time or 0, Observation(training, sampling, int(trial.data.tags["seed"]),
+                                                                    {**trained, **metrics}, ev.info.run_id, clip))
+        found += [o for _, o in latest.values()]
     return found
 
 
@@ -199,15 +208,16 @@ def headline(summary: dict[str, Any]) -> list[str]:
 
 def oracle_agreement(obs: list[Observation]) -> dict[str, Any] | None:
     """Spearman rank correlation of the CLIP score with the oracle's whole-caption adherence over the
-    trials (arms × seeds) at the reference sampling settings, and which CLIPs scored; None without scores."""
+    trials (arms × seeds) at the reference sampling settings, and which CLIPs scored; None without scores.
+    No correlation across different CLIPs: their scores are not on one scale."""
     scored = [o for o in obs if _at_reference(o.sampling) and "eval/clip_score" in o.metrics]
     if not scored:
         return None
-    agreement: dict[str, Any] = {"trials": len(scored), "clips": sorted({o.clip for o in scored})}
-    for metric in AGREEMENT:
+    agreement: dict[str, Any] = {"clips": sorted({o.clip for o in scored})}
+    for metric in AGREEMENT if len(agreement["clips"]) == 1 else ():
         pairs = [(o.metrics["eval/clip_score"], o.metrics[metric]) for o in scored if metric in o.metrics]
         if len(pairs) >= 3:
-            rho, p = stats.spearmanr(*zip(*pairs))
+            rho, p = spearmanr(*zip(*pairs))
             agreement[metric] = {"rho": float(rho), "p": float(p), "n": len(pairs)}
     return agreement
 
@@ -221,9 +231,12 @@ def agreement_lines(agreement: dict[str, Any] | None) -> list[str]:
     ranked = [(METRICS[m][0], agreement[m]) for m in AGREEMENT if m in agreement]
     if ranked:
         lines.append(f"Agreement with the oracle, Spearman ρ of CLIP score over the {ranked[0][1]['n']} trials (arms × seeds, "
-                     "reference sampling settings): " + ", ".join(f"with {label} {a['rho']:+.2f} (p = {a['p']:.2g})"
-                                                                  for label, a in ranked) + ".")
+                     "reference sampling settings): " + ", ".join(f"with {label} {_rho(a)}" for label, a in ranked) + ".")
     return [" ".join(lines), ""]
+
+
+def _rho(a: dict[str, float]) -> str:
+    return f"{a['rho']:+.2f} (p = {a['p']:.2g})" if math.isfinite(a["rho"]) else "undefined (one side is constant)"
 
 
 def markdown(name: str, summary: dict[str, Any], seeds: int, agreement: dict[str, Any] | None = None) -> str:
@@ -237,8 +250,9 @@ def markdown(name: str, summary: dict[str, Any], seeds: int, agreement: dict[str
     return "\n".join(lines)
 
 
-def html_page(name: str, summary: dict[str, Any]) -> str:
+def html_page(name: str, summary: dict[str, Any], agreement: dict[str, Any] | None = None) -> str:
     parts = [f"<html><head><meta charset='utf-8'><title>Sweep {html.escape(name)}</title></head><body><h1>Sweep {html.escape(name)}</h1>"]
+    parts += [f"<p>{html.escape(line).replace('**', '')}</p>" for line in agreement_lines(agreement) if line]
     for title, header, rows in tables(summary):
         parts.append(f"<h2>{html.escape(title)}</h2><table border='1' cellpadding='4'><tr>"
                      + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
@@ -327,7 +341,7 @@ def report(name: str, tracking_uri: str | None = None, out: str | Path | None = 
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md", out / "report.html"]
     files[0].write_text(markdown(name, summary, seeds, agreement))
-    files[1].write_text(html_page(name, summary))
+    files[1].write_text(html_page(name, summary, agreement))
     for axis, per_metric in summary.items():
         if per_metric:
             plot_axis(axis, per_metric, out / f"{axis}.png")

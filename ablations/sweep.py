@@ -35,7 +35,6 @@ from experiments.cluster import start_ray
 from experiments.demo import prepare_inputs
 from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri
 from experiments.train import Faults, check_inputs, fit
-from mmdit_core.checkpoint import CheckpointError
 from mmdit_core.config import ConfigError, load_config
 
 from .axes import AXES, get_axis
@@ -63,24 +62,24 @@ def trial_of(space: dict[str, Any]) -> Trial:
 
 
 def evaluate_arms(plan: SweepPlan, checkpoint: str, tracking_uri: str, run_name: str | None = None,
-                  extra: tuple[str, ...] = ()) -> tuple[dict[str, float], int]:
+                  extra: tuple[str, ...] = ()) -> tuple[dict[str, float], dict[str, Any]]:
     """The checkpoint's eval metrics at every sampling-time arm (`eval/<metric>` at the reference, else
-    `eval_<axis>_<arm>/<metric>`) and its step. A sampler, steps or CFG axis is one evaluate() call over its arms (its
-    grid), so the text encoder, Inception and validation loss are set up once per axis, not once per arm.
+    `eval_<axis>_<arm>/<metric>`), and the last evaluate() report (its step, its CLIP). A sampler, steps
+    or CFG axis is one evaluate() call over its arms (its grid), so the text encoder, Inception and
+    validation loss are set up once per axis, not once per arm.
     `extra`: overrides of the evaluation on top of the checkpoint's config."""
     reference = plan.sampling_overrides("reference", "reference")
     results: dict[str, float] = {}
-    steps: set[int] = set()
+    reports: list[dict[str, Any]] = []
 
     def record(axis: str, arm: str, metrics: dict[str, float]):
         prefix = "eval" if arm == get_axis(axis).reference else f"eval_{axis}_{arm}"
         results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
 
     def points(overrides: list[str], **grid) -> list[dict[str, Any]]:
-        evaluated = evaluate(checkpoint, overrides=[*overrides, *extra], tracking_uri=tracking_uri, verbose=False,
-                             run_name=run_name, **grid)
-        steps.add(evaluated["step"])
-        return evaluated["points"]
+        reports.append(evaluate(checkpoint, overrides=[*overrides, *extra], tracking_uri=tracking_uri, verbose=False,
+                                run_name=run_name, **grid))
+        return reports[-1]["points"]
 
     sampling = plan.of_kind("sampling")
     if not any(get_axis(name).field in GRID_ARGS for name in sampling):
@@ -95,7 +94,17 @@ def evaluate_arms(plan: SweepPlan, checkpoint: str, tracking_uri: str, run_name:
             for arm in arms:
                 if arm != axis.reference:
                     record(name, arm, points(plan.sampling_overrides(name, arm))[0]["metrics"])
-    return results, steps.pop()
+    return results, reports[-1]
+
+
+def log_trial_results(uri: str, experiment: str, run_name: str, run_dir: Path, results: dict[str, float],
+                      evaluated: dict[str, Any]) -> None:
+    """The eval metrics on the trial's own run too (at the checkpoint's step, tagged with the CLIP that
+    scored), so comparing trial runs in the MLflow UI shows their eval results side by side."""
+    tracker = Tracker(uri, experiment, run_name, backlog=run_dir / "tracking_backlog.jsonl")
+    tracker.log_metrics(results, evaluated["step"])
+    tracker.set_tags({"clip_model": evaluated["clip"] or "none"})
+    tracker.close()
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -114,12 +123,8 @@ def run_trial(config: dict[str, Any]) -> None:
         raise RuntimeError(f"trial {trial.name}: training ended {summary.get('status')} without a checkpoint")
     # Ray starts this 0-CPU process with OMP_NUM_THREADS=1; the CPUs its training held are free for evaluation now
     torch.set_num_threads(cfg.train.num_workers * cfg.train.cpus_per_worker)
-    results, _ = evaluate_arms(plan, summary["checkpoint"], sweep["tracking_uri"])
-    # on the trial's own run too, so comparing trial runs in the MLflow UI shows their eval results side by side
-    tracker = Tracker(sweep["tracking_uri"], cfg.name, cfg.run_name(),
-                      backlog=Path(summary["grid"]).parent.parent / "tracking_backlog.jsonl")
-    tracker.log_metrics(results, summary["steps"])
-    tracker.close()
+    results, evaluated = evaluate_arms(plan, summary["checkpoint"], sweep["tracking_uri"])
+    log_trial_results(sweep["tracking_uri"], cfg.name, cfg.run_name(), Path(summary["grid"]).parent.parent, results, evaluated)
     tune.report({"trial": trial.name, "val_loss": summary["val_loss"], **results})
 
 
@@ -173,8 +178,10 @@ def run(plan: SweepPlan, *, tracking_uri: str | None = None, address: str | None
 
 
 def reevaluate(name: str, tracking_uri: str | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Evaluate every trial of sweep `name` again from its last checkpoint (the plan comes from the sweep's
-    parent run, each checkpoint from its trial run), logged to the same runs; then the report again."""
+    """Evaluate every finished trial of sweep `name` again from its last checkpoint, logged to the same runs.
+    The plan comes from the sweep's parent run, each checkpoint from its trial run's storage path (a
+    relative one is read from the current directory: run it where the sweep ran). A trial that fails
+    is counted and reported; the others go on."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri or default_uri()
@@ -188,22 +195,28 @@ def reevaluate(name: str, tracking_uri: str | None = None, overrides: tuple[str,
     outcome = {}
     for i, trial in enumerate(trials, 1):
         run_name = trial.data.tags[RUN_KEY_TAG]
-        run_dir = Path(trial.data.params["train.storage_path"]) / run_name
-        print(f"[{i}/{len(trials)}] re-evaluating {trial.data.tags.get('trial', run_name)} from {run_dir}", flush=True)
-        try:
-            checkpoint = resolve_checkpoint(run_dir)
-            results, step = evaluate_arms(plan, str(checkpoint), uri, run_name, overrides)
-        except (CheckpointError, ConfigError, FileNotFoundError) as exc:
-            outcome[run_name] = f"FAILED: {exc}"
-            print(f"  skipped: {exc}")
+        label = trial.data.tags.get("trial", run_name)
+        if trial.info.status != "FINISHED":  # a failed trial's checkpoint is not the trained model
+            outcome[run_name] = f"SKIPPED: its training ended {trial.info.status}"
+            print(f"[{i}/{len(trials)}] {label}: skipped, its training ended {trial.info.status}")
             continue
-        tracker = Tracker(uri, name, run_name, backlog=run_dir / "tracking_backlog.jsonl")
-        tracker.log_metrics(results, step)
-        tracker.close()
+        storage = trial.data.params.get("train.storage_path", "")
+        run_dir = Path(storage) / run_name
+        print(f"[{i}/{len(trials)}] re-evaluating {label} from {run_dir}", flush=True)
+        try:
+            if "://" in storage or not storage:
+                raise FileNotFoundError(f"its checkpoints are not in a local directory (train.storage_path={storage!r})")
+            results, evaluated = evaluate_arms(plan, str(resolve_checkpoint(run_dir)), uri, run_name, overrides)
+        except Exception as exc:  # noqa: BLE001 - one trial's failure is reported, the others go on
+            outcome[run_name] = f"FAILED: {type(exc).__name__}: {exc}"
+            print(f"  failed: {outcome[run_name]}")
+            continue
+        log_trial_results(uri, name, run_name, run_dir, results, evaluated)
         outcome[run_name] = "FINISHED"
-    failed = sum(v != "FINISHED" for v in outcome.values())
-    print(f"re-evaluated {len(outcome) - failed} of {len(outcome)} trials" + (f" ({failed} failed)" if failed else ""))
-    return {"sweep": name, "trials": outcome, "failed": failed}
+    done = sum(v == "FINISHED" for v in outcome.values())
+    print(f"re-evaluated {done} of {len(outcome)} trials" + "".join(f"; {k}: {v}" for k, v in outcome.items() if v != "FINISHED"))
+    return {"sweep": name, "trials": outcome, "failed": sum(v.startswith("FAILED") for v in outcome.values()),
+            "skipped": sum(v.startswith("SKIPPED") for v in outcome.values())}
 
 
 def plan_from_args(args: argparse.Namespace) -> SweepPlan:

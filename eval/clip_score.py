@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torchmetrics.multimodal.clip_score import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
+from mmdit_core.config import TRAINED_CLIP
 from mmdit_core.data.shards import read_manifest
 from mmdit_core.files import verified_summary
 
-TRAINED = "trained"  # eval.clip_model: the CLIP trained on data.root by experiments.train_clip
 WEIGHTS = "model.safetensors"  # what CLIPModel.save_pretrained writes
 
 
@@ -96,18 +96,22 @@ class ClipScorer:
         return float(self.metric.compute())
 
     @torch.no_grad()
-    def embed(self, images: torch.Tensor | None = None, captions: list[str] | None = None,
-              batch_size: int = 256) -> torch.Tensor:
-        """Unit-length projected features of uint8 images (N, 3, H, W) or of captions: (N, D), prepared by
-        the processor torchmetrics uses, so `100 * (a * b).sum(-1)` floored at 0 is the CLIP score."""
+    def embed_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Unit-length projected features (N, D) of uint8 images (N, 3, H, W), prepared by the processor
+        torchmetrics uses: `100 * (image * caption).sum(-1)` floored at 0 is the CLIP score."""
         chunks = []
-        for start in range(0, len(images if captions is None else captions), batch_size):
-            if captions is None:
-                pixels = self.processor(images=list(images[start:start + batch_size]), return_tensors="pt")["pixel_values"]
-                chunks.append(self.model.get_image_features(pixels.to(self.device)))
-            else:
-                text = self.processor(text=captions[start:start + batch_size], return_tensors="pt", padding=True)
-                chunks.append(self.model.get_text_features(text["input_ids"].to(self.device), text["attention_mask"].to(self.device)))
+        for start in range(0, len(images), batch_size):
+            pixels = self.processor(images=list(images[start:start + batch_size]), return_tensors="pt")["pixel_values"]
+            chunks.append(self.model.get_image_features(pixels.to(self.device)))
+        return F.normalize(torch.cat(chunks).float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def embed_captions(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Unit-length projected features (N, D) of captions (truncated to the context, as in scoring)."""
+        chunks = []
+        for start in range(0, len(captions), batch_size):
+            text = self.processor(text=captions[start:start + batch_size], return_tensors="pt", padding=True)
+            chunks.append(self.model.get_text_features(text["input_ids"].to(self.device), text["attention_mask"].to(self.device)))
         return F.normalize(torch.cat(chunks).float(), dim=-1).cpu()
 
 
@@ -118,7 +122,7 @@ def load_clip_score(name: str | None, device: str | torch.device = "cpu",
     if name is None:
         return None, "CLIP score skipped: eval.clip_model is null"
     label = name
-    if name == TRAINED:
+    if name == TRAINED_CLIP:
         found, label = trained_clip(data_root)
         if found is None:
             return None, label

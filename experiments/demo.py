@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from eval import evaluate
-from eval.clip_score import TRAINED
 from eval.clip_validation import describe as describe_clip
+from mmdit_core.config import TRAINED_CLIP
 
 from . import cache_latents, prepare_data, train, train_autoencoder, train_clip
 from .cli import config_parser, resolve_config
@@ -32,7 +32,7 @@ def prepare_inputs(cfg, stage=lambda name, run: run()) -> tuple[dict | None, dic
     `stage(name, run)` runs each step (the demo times them)."""
     stage("data", lambda: prepare_data.prepare(cfg))
     ae = stage("autoencoder", lambda: train_autoencoder.reuse_or_train(cfg)) if cfg.autoencoder.kind == "trained" else None
-    clip = stage("CLIP", lambda: train_clip.reuse_or_train(cfg)) if cfg.eval.clip_model == TRAINED else None
+    clip = stage("CLIP", lambda: train_clip.reuse_or_train(cfg)) if cfg.eval.clip_model == TRAINED_CLIP else None
     if cfg.data.latent_cache:
         stage("latent cache", lambda: cache_latents.reuse_or_build(cfg))
     return ae, clip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,11 +54,13 @@ class Stage:
 
     @contextmanager
     def tracked(self, made: dict[str, Any], out: Path, params: dict[str, Any], tracking_uri: str | None,
-                config_name: str) -> Iterator[Tracker]:
-        """A RUNNING MLflow run of this training; FINISHED if the block returns, else FAILED with the error."""
+                cfg: ExperimentConfig) -> Iterator[Tracker]:
+        """A RUNNING MLflow run of this training; FINISHED if the block returns, else FAILED with the error.
+        Where the data lies is a tag, not a param: the same data elsewhere re-attaches the same run."""
         tracker = Tracker(tracking_uri or default_uri(), self.experiment, self.run_key(made),
                           backlog=out.parent / f"{out.name}.tracking_backlog.jsonl",
-                          tags={"git_commit": git_commit(), "config": config_name, "dataset": made["dataset"]})
+                          tags={"git_commit": git_commit(), "config": cfg.name, "dataset": made["dataset"],
+                                "data.root": cfg.data.root})
         tracker.set_status("RUNNING")
         tracker.log_params(params)
         status, error = "FAILED", None
@@ -80,6 +83,14 @@ class Stage:
             summary["weights_sha256"] = sha256_file(tmp / self.weights)
             (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
 
+    def rewrite_summary(self, out: Path, summary: dict[str, Any]) -> None:
+        """Replace the summary beside unchanged weights (checked against it first) in one rename."""
+        if verified_summary(out, self.weights) is None or summary["weights_sha256"] != sha256_file(out / self.weights):
+            raise ValueError(f"{out}: its weights are not the ones the summary names")
+        tmp = out / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out / "summary.json")
+
     def reuse_or_train(self, made: dict[str, Any], path: Path, train: Callable[[], dict[str, Any]],
                        describe: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
         """The summary of the one made from `made`: at `path`, else a shipped one copied there, else `train()`."""
@@ -90,14 +101,19 @@ class Stage:
         return summary
 
     def main(self, doc: str, argv: list[str] | None, train_and_save: Trains, reuse_or_train: Trains,
-             saved: Callable[[ExperimentConfig, dict[str, Any]], str]) -> dict[str, Any]:
-        """The stage's command: --config/--set, --tracking-uri and --reuse; prints the summary and `saved`."""
+             saved: Callable[[ExperimentConfig, dict[str, Any]], str], revalidate: Trains | None = None) -> dict[str, Any]:
+        """The stage's command: --config/--set, --tracking-uri, --reuse (and --revalidate where the stage
+        has it); prints the summary and `saved`."""
         parser = config_parser(doc)
         parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
-        parser.add_argument("--reuse", action="store_true", help=f"keep the {self.label} made from these settings and data")
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument("--reuse", action="store_true", help=f"keep the {self.label} made from these settings and data")
+        if revalidate is not None:
+            mode.add_argument("--revalidate", action="store_true", help=f"measure the saved {self.label} again, no training")
         args = parser.parse_args(argv)
         cfg = resolve_config(args)
-        summary = (reuse_or_train if args.reuse else train_and_save)(cfg, args.tracking_uri)
+        run = revalidate if getattr(args, "revalidate", False) else reuse_or_train if args.reuse else train_and_save
+        summary = run(cfg, args.tracking_uri)
         print(json.dumps(summary, indent=2))
         print(saved(cfg, summary))
         return summary

@@ -122,8 +122,8 @@ def train_and_save(cfg: ExperimentConfig, tracking_uri: str | None = None) -> di
                          "(--set autoencoder.kind=trained, or --config experiments/configs/demo.yaml)")
     made, out = made_from(cfg), Path(cfg.autoencoder.path)
     params = ({f"autoencoder.{k}": v for k, v in flatten(made["autoencoder"]).items()}
-              | {"data.root": cfg.data.root, "dataset": made["dataset"], "seed": made["seed"]})
-    with STAGE.tracked(made, out, params, tracking_uri, cfg.name) as tracker:
+              | {"dataset": made["dataset"], "seed": made["seed"]})
+    with STAGE.tracked(made, out, params, tracking_uri, cfg) as tracker:
         vae, trained = train(cfg, tracker)
         measured, recon_image = fidelity(cfg, Autoencoder(cfg.autoencoder, vae))
         summary = {**trained, "fidelity": measured, "made_from": made}

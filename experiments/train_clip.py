@@ -1,6 +1,6 @@
 """Train the CLIP that scores samples: a small transformers CLIPModel on the dataset's train split.
 
-    python -m experiments.train_clip --config C [--set clip.train_steps=3000 ...] [--reuse]
+    python -m experiments.train_clip --config C [--set clip.train_steps=3000 ...] [--reuse | --revalidate]
 
 No pretrained CLIP can be downloaded here, so the CLIP score's judge is trained on the data it judges,
 like the latent autoencoder: a word-piece tokenizer learned from the train captions (`tokenizers`),
@@ -28,11 +28,12 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 from eval.clip_score import WEIGHTS, ClipScorer, trained_clip_dir
 from eval.clip_validation import describe, validate
-from eval.evaluate import scenes_for
 from mmdit_core.config import ClipConfig, ExperimentConfig, flatten
 from mmdit_core.data.images import to_uint8
+from mmdit_core.data.scenes import Scene
 from mmdit_core.data.shards import SkipCounts, make_loader, read_manifest, split_shards
 from mmdit_core.data.training import read_split
+from mmdit_core.files import verified_summary
 
 from .stage import Stage, descend
 from .tracking import Tracker
@@ -87,12 +88,17 @@ def train_captions(cfg: ExperimentConfig) -> list[str]:
     return captions
 
 
+def device_of(cfg: ExperimentConfig) -> torch.device:
+    return torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
+
+
 def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[CLIPModel, CLIPProcessor, dict[str, Any]]:
     """The trained CLIP, its processor, and what training measured."""
     clip_cfg = cfg.clip
     torch.manual_seed(cfg.train.seed)
     tokenizer = train_tokenizer(train_captions(cfg), clip_cfg.vocab_size, clip_cfg.context_length)
     clip, processor = build_clip(clip_cfg, cfg.data.image_size, tokenizer)
+    clip.to(device_of(cfg))
     counts = SkipCounts()
     loader = make_loader(split_shards(cfg.data.root, "train"), clip_cfg.batch_size, num_workers=cfg.data.num_workers,
                          resampled=True, shuffle=cfg.data.shuffle_buffer, seed=cfg.data.seed, counts=counts)
@@ -102,7 +108,7 @@ def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[CLIPModel, CLIPProce
     for step in (bar := tqdm(range(1, clip_cfg.train_steps + 1), desc="CLIP", unit="step")):
         batch = next(batches)
         inputs = processor(text=batch["caption"], images=list(to_uint8(batch["image"])), return_tensors="pt",
-                           padding=True, truncation=True, max_length=clip_cfg.context_length)
+                           padding=True, truncation=True, max_length=clip_cfg.context_length).to(clip.device)
         loss = clip(**inputs, return_loss=True).loss
         descend(loss, optimizer, schedule)
         if step % LOG_EVERY == 0 or step == clip_cfg.train_steps:
@@ -115,10 +121,10 @@ def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[CLIPModel, CLIPProce
 
 
 def validation(cfg: ExperimentConfig, scorer: ClipScorer) -> dict[str, Any]:
-    """eval/clip_validation.py on the val split (up to VALIDATION_IMAGES images)."""
-    available = read_manifest(cfg.data.root)["splits"]["val"]["samples"]
-    pixels, captions, attributes = read_split(cfg.data.root, "val", min(available, VALIDATION_IMAGES))
-    scenes, _ = scenes_for(cfg, attributes)
+    """eval/clip_validation.py on the val split (its first VALIDATION_IMAGES images)."""
+    pixels, captions, attributes = read_split(cfg.data.root, "val", VALIDATION_IMAGES)
+    # attribute swaps need only the captions' attributes (the oracle's plain-background rule does not apply)
+    scenes = [Scene.from_attributes(a) for a in attributes] if attributes and None not in attributes else None
     images = torch.from_numpy(to_uint8(pixels)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
     return validate(scorer, images, captions, scenes, seed=cfg.data.seed)
 
@@ -128,8 +134,9 @@ def validation_metrics(measured: dict[str, Any]) -> dict[str, float]:
     metrics = {f"val/retrieval_{k}": v for k, v in measured["retrieval"].items()}
     metrics |= {"val/clip_score_own": measured["own_vs_shuffled"]["own"], "val/clip_score_shuffled": measured["own_vs_shuffled"]["shuffled"],
                 "val/gap_shuffled": measured["own_vs_shuffled"]["gap"]["mean"]}
-    for attribute, swap in measured.get("attribute_swaps", {}).items():
-        metrics |= {f"val/separation_{attribute}": swap["separation"], f"val/gap_{attribute}": swap["gap"]["mean"]}
+    swaps = measured.get("attribute_swaps", {}) | ({"binding": measured["binding"]} if "binding" in measured else {})
+    for name, swap in swaps.items():
+        metrics |= {f"val/separation_{name}": swap["separation"], f"val/gap_{name}": swap["gap"]["mean"]}
     return metrics
 
 
@@ -137,15 +144,31 @@ def train_and_save(cfg: ExperimentConfig, tracking_uri: str | None = None) -> di
     """Train, validate and save the CLIP of `cfg`'s dataset, tracked in MLflow."""
     made, out = made_from(cfg), trained_clip_dir(cfg.data.root)
     params = ({f"clip.{k}": v for k, v in flatten(made["clip"]).items()}
-              | {"data.root": cfg.data.root, "dataset": made["dataset"], "seed": made["seed"]})
-    with STAGE.tracked(made, out, params, tracking_uri, cfg.name) as tracker:
+              | {"dataset": made["dataset"], "seed": made["seed"]})
+    with STAGE.tracked(made, out, params, tracking_uri, cfg) as tracker:
         clip, processor, trained = train(cfg, tracker)
-        measured = validation(cfg, ClipScorer(clip, processor, name=f"CLIP trained here on {cfg.data.root}"))
+        measured = validation(cfg, ClipScorer(clip, processor, clip.device))
         summary = {**trained, "validation": measured, "made_from": made}
         STAGE.save(out, summary, lambda tmp: (clip.save_pretrained(tmp), processor.save_pretrained(tmp)))
         tracker.log_metrics(validation_metrics(measured), cfg.clip.train_steps)
         tracker.log_artifact(out / "summary.json")
         return summary
+
+
+def revalidate(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Measure the CLIP beside the dataset again with this code's validation (its weights untouched and
+    checked first) and rewrite its summary; logged to the run that trained it."""
+    out = trained_clip_dir(cfg.data.root)
+    summary = verified_summary(out, WEIGHTS)
+    if summary is None or summary["made_from"] != made_from(cfg):
+        raise SystemExit(f"error: no CLIP made from these settings and this data at {out} (train it first)")
+    with STAGE.tracked(summary["made_from"], out, {}, tracking_uri, cfg) as tracker:
+        scorer = ClipScorer(CLIPModel.from_pretrained(out), CLIPProcessor.from_pretrained(out), device_of(cfg))
+        summary["validation"] = validation(cfg, scorer)
+        STAGE.rewrite_summary(out, summary)
+        tracker.log_metrics(validation_metrics(summary["validation"]), cfg.clip.train_steps)
+        tracker.log_artifact(out / "summary.json")
+    return summary
 
 
 def reuse_or_train(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[str, Any]:
@@ -157,7 +180,7 @@ def reuse_or_train(cfg: ExperimentConfig, tracking_uri: str | None = None) -> di
 
 def main(argv=None) -> dict[str, Any]:
     return STAGE.main(__doc__, argv, train_and_save, reuse_or_train, lambda cfg, summary: (
-        f"CLIP saved to {trained_clip_dir(cfg.data.root)}: {describe(summary['validation'])}"))
+        f"CLIP saved to {trained_clip_dir(cfg.data.root)}: {describe(summary['validation'])}"), revalidate)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ SIZE_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+TRAINED_CLIP = "trained"  # eval.clip_model: the CLIP experiments.train_clip trained on data.root
+
+
 class ConfigError(ValueError):
     """A config value, key or combination that cannot run; the message names the dotted field."""
 
@@ -220,7 +223,7 @@ class EvalConfig(Section):
     reference_split: str = Field("train", min_length=1, description="dataset split of the FID reference statistics")
     stats_dir: str = Field("data/fid_stats", description="cache of reference statistics, keyed by data and protocol")
     weights: Literal["ema", "model"] = Field("ema", description="which weights of a checkpoint are evaluated")
-    clip_model: str | None = Field("trained", description="CLIP of the CLIP score: `trained` (the one experiments."
+    clip_model: str | None = Field(TRAINED_CLIP, description="CLIP of the CLIP score: `trained` (the one experiments."
                                    "train_clip trained on data.root), a hub id or a local directory; null skips it")
     every: int = Field(0, ge=0, description="during training: a quick eval every N steps (0: off)")
     train_samples: int = Field(128, ge=2, description="generated images of each quick eval during training")
@@ -291,7 +294,7 @@ class ExperimentConfig(Section):
         if self.model.in_channels != channels:
             raise ValueError(f"model.in_channels={self.model.in_channels} does not match the "
                              f"{'data.channels' if self.autoencoder.kind == 'identity' else 'autoencoder.latent_channels'}={channels}")
-        if self.data.image_size % self.clip.patch_size:
+        if self.eval.clip_model == TRAINED_CLIP and self.data.image_size % self.clip.patch_size:
             raise ValueError(f"data.image_size={self.data.image_size} is not divisible by clip.patch_size={self.clip.patch_size}")
         if self.model.text_dim != self.text.dim:
             raise ValueError(f"model.text_dim={self.model.text_dim} does not match text.dim={self.text.dim}")
@@ -313,8 +316,10 @@ class ExperimentConfig(Section):
         return flatten(self.to_dict())
 
     def short_hash(self) -> str:
-        """8 hex digits of the resolved config: part of the deterministic run name."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        """8 hex digits of the resolved config but its `clip` section (that CLIP is trained apart and
+        changes no training run): part of the deterministic run name."""
+        identity = {k: v for k, v in self.to_dict().items() if k != "clip"}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_name(self) -> str:
         """Deterministic run name: submitting the same resolved config and seed again continues that run."""

@@ -11,9 +11,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from eval import clip_validation
-from eval.clip_score import TRAINED, WEIGHTS, load_clip_score, trained_clip, trained_clip_dir
+from eval.clip_score import WEIGHTS, load_clip_score, trained_clip, trained_clip_dir
 from experiments import prepare_data, train_clip
-from mmdit_core.config import ConfigError, load_config
+from mmdit_core.config import TRAINED_CLIP, ConfigError, load_config
 from mmdit_core.data.images import to_uint8
 from mmdit_core.data.scenes import make_scene
 from mmdit_core.data.shards import encode_sample, write_dataset
@@ -43,13 +43,17 @@ def test_trained_clip_saves_reloads_offline_is_tracked_and_reused(tmp_path, monk
     assert gap["low"] <= gap["mean"] <= gap["high"]
 
     # offline (HF_HUB_OFFLINE=1 in the tests), from the directory beside the data, as eval.clip_model=trained
-    scorer, notice = load_clip_score(TRAINED, data_root=cfg.data.root)
+    scorer, notice = load_clip_score(TRAINED_CLIP, data_root=cfg.data.root)
     assert notice is None and manifest["key"] in scorer.name and summary["weights_sha256"][:8] in scorer.name
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
     captions = [make_scene(0, i, max_objects=1).caption for i in range(5)]
     by_torchmetrics = scorer(images, captions)
-    by_features = clip_validation.scores(scorer.embed(images=images), scorer.embed(captions=captions)).mean().item()
+    by_features = clip_validation.clip_score(clip_validation.similarities(scorer.embed_images(images), scorer.embed_captions(captions)))
     assert by_torchmetrics == pytest.approx(by_features, abs=1e-3)
+    long_caption = " and ".join(make_scene(0, i, max_objects=1).caption for i in range(8))  # far past 32 tokens
+    with pytest.warns(UserWarning, match="truncated"):
+        scorer(images[:1], [long_caption])
+    assert scorer.processor.truncated == 1
 
     (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("clip").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["dataset"] == manifest["key"]
@@ -57,12 +61,18 @@ def test_trained_clip_saves_reloads_offline_is_tracked_and_reused(tmp_path, monk
 
     monkeypatch.setattr(train_clip, "train", lambda *a: pytest.fail("a CLIP made from these settings and data was trained again"))
     assert train_clip.reuse_or_train(cfg, uri)["weights_sha256"] == summary["weights_sha256"]
+    common = [arg for item in [f"data.root={cfg.data.root}", "data.image_size=16", "data.num_train=48", "data.num_val=16",
+                                "data.samples_per_shard=16", "data.num_workers=0", "clip.train_steps=4", *TINY_CLIP]
+              for arg in ("--set", item)]
+    measured = train_clip.main([*common, "--revalidate", "--tracking-uri", uri])  # measured again, weights untouched
+    assert measured["validation"] == validation and measured["weights_sha256"] == summary["weights_sha256"]
+    assert trained_clip(cfg.data.root)[0] is not None
 
     other = scenes_config(tmp_path, "data.seed=1")  # other scenes in the same place: that CLIP no longer scores them
     prepare_data.prepare(other)
     assert trained_clip(other.data.root)[0] is None and "trained on other data" in trained_clip(other.data.root)[1]
     (trained_clip_dir(cfg.data.root) / WEIGHTS).write_bytes(b"not the weights")
-    assert "no CLIP trained on" in load_clip_score(TRAINED, data_root=cfg.data.root)[1]
+    assert "no CLIP trained on" in load_clip_score(TRAINED_CLIP, data_root=cfg.data.root)[1]
 
 
 def two_colour_set(root, n_train=96, n_val=32, size=16):
@@ -113,6 +123,18 @@ def test_attribute_swaps_change_exactly_one_attribute():
             assert [i for i in range(3) if words[i] != changed_words[i]] == ([] if moved is None else [moved])
 
 
+def test_exchanging_two_objects_colours_keeps_the_words_and_changes_the_binding():
+    rng = random.Random(0)
+    scenes = [make_scene(5, i, min_objects=2, max_objects=3) for i in range(40)]
+    for scene in scenes:
+        exchanged = clip_validation.colours_exchanged(scene, rng)
+        if exchanged is None:  # every object of the same colour: nothing to exchange
+            assert len({o.colour for o in scene.objects}) == 1
+            continue
+        assert exchanged != scene.caption and sorted(exchanged.split()) == sorted(scene.caption.split())
+    assert clip_validation.colours_exchanged(make_scene(5, 0, max_objects=1), rng) is None
+
+
 def test_retrieval_counts_an_equal_caption_as_a_hit_and_reports_chance():
     features = torch.eye(4)
     captions = ["a", "a", "b", "c"]
@@ -121,6 +143,8 @@ def test_retrieval_counts_an_equal_caption_as_a_hit_and_reports_chance():
     assert result["image_to_text"] == 1.0 and result["text_to_image"] == 1.0
     assert result["chance"] == pytest.approx((2 + 2 + 1 + 1) / 16)
     assert (clip_validation.derangement(7, 0) != torch.arange(7)).all()
+    with pytest.raises(ValueError, match="at least 2 held-out images"):
+        clip_validation.validate(None, torch.zeros(1, 3, 16, 16, dtype=torch.uint8), ["a"], None)
 
 
 def test_clip_settings_are_validated():

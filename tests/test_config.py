@@ -82,6 +82,7 @@ def test_yaml_and_flat_round_trip(tmp_path):
     assert load_config(path) == cfg
     assert cfg.short_hash() == load_config(path).short_hash()
     assert build_config({"name": "rt"}).short_hash() != cfg.short_hash()
+    assert build_config({"name": "rt", "clip": {"width": 64}}).short_hash() == build_config({"name": "rt"}).short_hash()
 
 
 def test_load_config_file_name_and_overrides(tmp_path):

@@ -56,15 +56,19 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
     assert written["agreement"] is None and "CLIP score" not in text  # trained without a CLIP: none scored
 
     # a CLIP trained for the sweep's data afterwards: the trials are evaluated again from their checkpoints
+    fids = {ev.info.run_id: ev.data.metrics["eval/fid"] for run in trials
+            for ev in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
     train_clip.train_and_save(load_config(TINY, [*overrides, "clip.train_steps=2", "clip.width=32", "clip.num_heads=2",
                                                  "clip.depth=1", "clip.batch_size=8"]), uri)
     again = sweep.reevaluate(result["sweep"], uri, ("eval.clip_model=trained",))
-    assert again["failed"] == 0 and set(again["trials"]) == {r.data.tags[RUN_KEY_TAG] for r in trials}
+    assert again["failed"] == again["skipped"] == 0 and set(again["trials"]) == {r.data.tags[RUN_KEY_TAG] for r in trials}
     assert len(client.search_runs([experiment], "")) == 1 + 2 + 4  # the same runs, scored again
     for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"):
         assert "eval/clip_score" in run.data.metrics and len(client.get_metric_history(run.info.run_id, "train/loss")) == 1
         for ev in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'"):
             assert ev.data.tags["clip_model"].startswith("CLIP trained here on") and "eval/clip_score" in ev.data.metrics
+            assert ev.data.metrics["eval/fid"] == pytest.approx(fids[ev.info.run_id], rel=1e-6)  # same noise, same samples
+        assert run.data.tags["clip_model"].startswith("CLIP trained here on")
     rescored = report.report(result["sweep"], uri, tmp_path / "report")
     assert "CLIP score by: CLIP trained here on" in Path(rescored["files"][0]).read_text()
 
@@ -115,7 +119,7 @@ def test_the_report_ranks_clip_score_against_the_oracle_and_names_the_clips():
     observations += [obs("none", s, 20 + s, 0.2 + 0.01 * s) for s in range(3)]
     observations.append(report.Observation({"pos_emb": "learned"}, {"cfg_scale": "7.0"}, 0, {"eval/clip_score": 0.0}))
     agreement = report.oracle_agreement(observations)  # the CFG-7 point is off the reference sampling: not ranked
-    assert agreement["trials"] == 6 and agreement["clips"] == ["CLIP A"]
+    assert agreement["clips"] == ["CLIP A"] and agreement["eval/adherence_whole"]["n"] == 6
     assert agreement["eval/adherence_whole"]["rho"] == pytest.approx(1.0) and "eval/adherence_whole_shape" not in agreement
     summary = report.summarise(observations, {"pos_emb": ["learned", "none"], "cfg_scale": ["1.0", "7.0"]})
     text = report.markdown("s", summary, 3, agreement)
@@ -124,8 +128,9 @@ def test_the_report_ranks_clip_score_against_the_oracle_and_names_the_clips():
     assert "CLIP score" in text.split("## Headline")[1].splitlines()[2]  # a column of the headline table
 
     observations[0].clip = "CLIP B"
-    assert "**CLIP scores come from 2 different CLIPs, which are not comparable**" in report.agreement_lines(
-        report.oracle_agreement(observations))[0]
+    mixed = report.oracle_agreement(observations)
+    assert "eval/adherence_whole" not in mixed  # no ranking across two CLIPs' scales
+    assert "**CLIP scores come from 2 different CLIPs, which are not comparable**" in report.agreement_lines(mixed)[0]
 
 
 def test_sampling_arms_of_one_grid_axis_share_one_evaluation(monkeypatch):
@@ -140,13 +145,13 @@ def test_sampling_arms_of_one_grid_axis_share_one_evaluation(monkeypatch):
     monkeypatch.setattr(sweep, "evaluate", fake_evaluate)
     plan = SweepPlan("p", "c.yaml", {"pos_emb": ("learned",), "cfg_scale": ("1.0", "4.0"), "steps": ("8", "25"),
                                      "ema": ("ema", "model")}, seeds=1)
-    results, step = sweep.evaluate_arms(plan, "ckpt", "sqlite://")
-    assert step == 7
+    results, evaluated = sweep.evaluate_arms(plan, "ckpt", "sqlite://")
+    assert evaluated["step"] == 7
     reference = ("sample.cfg_scale=1.0", "sample.steps=25", "eval.weights=ema")
     assert calls == [(reference, None, None, [1.0, 4.0]), (reference, None, [8, 25], None),
                      (("sample.cfg_scale=1.0", "sample.steps=25", "eval.weights=model"), None, None, None)]
     assert results == {"eval/fid": 125, "eval_cfg_scale_4.0/fid": 425, "eval_steps_8/fid": 108, "eval_ema_model/fid": 126}
 
     calls.clear()
-    assert sweep.evaluate_arms(SweepPlan("p", "c.yaml", {"pos_emb": ("learned",)}, seeds=1), "ckpt", "sqlite://") == ({"eval/fid": 125}, 7)
+    assert sweep.evaluate_arms(SweepPlan("p", "c.yaml", {"pos_emb": ("learned",)}, seeds=1), "ckpt", "sqlite://")[0] == {"eval/fid": 125}
     assert calls == [((), None, None, None)]  # no sampling axis: one evaluation at the config's own settings
