@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mmdit_core.data.shards import encode_sample, read_manifest, write_dataset
-from mmdit_core.data.sources import records
+from mmdit_core.data.sources import available, records
 
 from .cli import config_parser, resolve_config
 
@@ -34,9 +34,10 @@ def prepare(cfg, force: bool = False) -> dict:
             yield encode_sample(key, image, caption, attributes)
 
     manifest = write_dataset(root, {"train": split("train", data.num_train), "val": split("val", data.num_val)},
-                             data.samples_per_shard, source)
+                             data.samples_per_shard, source, available(data))
     counts = {name: entry["samples"] for name, entry in manifest["splits"].items()}
-    print(f"wrote {root}: {json.dumps(counts)} samples, key {manifest['key']}")
+    offered = f" of {manifest['available']} available (a seeded random subset)" if "available" in manifest else ""
+    print(f"wrote {root}: {json.dumps(counts)} samples{offered}, key {manifest['key']}")
     return manifest
 
 

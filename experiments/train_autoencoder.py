@@ -66,6 +66,7 @@ def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[AutoencoderKL, dict[
     torch.manual_seed(cfg.train.seed)
     counts = SkipCounts()
     loader = make_loader(split_shards(cfg.data.root, "train"), ae_cfg.batch_size, num_workers=cfg.data.num_workers,
+                         image_size=cfg.data.image_size,
                          resampled=True, shuffle=cfg.data.shuffle_buffer, seed=cfg.data.seed, counts=counts)
     vae = build_vae(ae_cfg)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=ae_cfg.lr)

@@ -83,7 +83,7 @@ def made_from(cfg: ExperimentConfig) -> dict[str, Any]:
 def train_captions(cfg: ExperimentConfig) -> list[str]:
     """Every caption of the train split, in shard order."""
     captions: list[str] = []
-    for batch in make_loader(split_shards(cfg.data.root, "train"), 256, counts=SkipCounts()):
+    for batch in make_loader(split_shards(cfg.data.root, "train"), 256, counts=SkipCounts(), image_size=cfg.data.image_size):
         captions += batch["caption"]
     return captions
 
@@ -101,6 +101,7 @@ def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[CLIPModel, CLIPProce
     clip.to(device_of(cfg))
     counts = SkipCounts()
     loader = make_loader(split_shards(cfg.data.root, "train"), clip_cfg.batch_size, num_workers=cfg.data.num_workers,
+                         image_size=cfg.data.image_size,
                          resampled=True, shuffle=cfg.data.shuffle_buffer, seed=cfg.data.seed, counts=counts)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=clip_cfg.lr, weight_decay=clip_cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, clip_cfg.train_steps)

@@ -158,8 +158,34 @@ def test_corrupt_data_is_skipped_counted_and_never_hangs(dataset, tmp_path):
     read = len([k for k in keys if k.startswith("s")])
     assert totals["image"] == 1 and totals["json"] == 1 and totals["caption"] >= 2 and totals["shard"] >= 2
     # Every promised sample is accounted for: 15 scene samples and the 1 the garbage shard promised.
-    assert read + totals["missing"] + (totals["caption"] - 2) == 15 + 1
+    assert read + totals["missing"] + (totals["caption"] - 2) + totals["no_image"] == 15 + 1
     assert "1 undecodable images" in counts.report() and "missing or empty captions" in counts.report()
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_any_image_format_is_read_and_a_foreign_size_never_reaches_a_batch(tmp_path):
+    scene = render(make_scene(0, 0), 16)
+    shard = tmp_path / "foreign.tar"
+    write_tar(shard, {"a.jpg": encoded(scene, "JPEG"), "a.txt": b"a jpeg",
+                      "b.png": encoded(scene.convert("L"), "PNG"), "b.txt": b"a grey png",
+                      "c.webp": encoded(scene.convert("RGBA"), "WEBP"), "c.txt": b"an rgba webp",
+                      "d.jpg": encoded(render(make_scene(0, 1), 24), "JPEG"), "d.txt": b"another size",
+                      "e.jpg": encoded(scene, "JPEG"), "e.txt": "caf\xe9".encode("latin-1"),
+                      "f.gif.json": b"{}", "f.txt": b"no image at all"})
+    counts = SkipCounts()
+    batches = list(make_loader([str(shard)], 8, counts=counts, image_size=16))
+    assert [k for b in batches for k in b["key"]] == ["a", "b", "c"] and batches[0]["image"].shape == (3, 3, 16, 16)
+    assert (batches[0]["image"][1, 0] == batches[0]["image"][1, 1]).all()  # grey converted to RGB
+    totals = counts.totals()
+    assert (totals["size"], totals["utf8"], totals["no_image"], totals["image"]) == (1, 1, 1, 0)
+    report = counts.report()
+    assert "1 images of another size" in report and "1 captions that are not UTF-8" in report
+    assert "hint:" in report and "prepare_data" in report
 
 
 # ---- importers ----------------------------------------------------------------------------------
@@ -199,6 +225,30 @@ def test_folder_importer_reads_txt_csv_and_jsonl(tmp_path):
     for listing in ("list.csv", "list.jsonl"):
         cfg = DataConfig(source="folder", import_path=str(tmp_path / listing), image_size=16, num_train=10, num_val=1)
         assert sorted(r[2] for r in [*records(cfg, "train"), *records(cfg, "val")]) == [f"row {i}" for i in range(4)]
+
+
+def test_a_class_sorted_folder_gives_every_split_every_class_interleaved(tmp_path):
+    from experiments.prepare_data import prepare
+    from mmdit_core.config import load_config
+
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for c in range(10):  # named so that name order is class order: 0_0000.png ... 9_0019.png
+        for k in range(20):
+            Image.new("RGB", (8, 8), (25 * c, 0, 0)).save(folder / f"{c}_{k:04d}.png")
+            (folder / f"{c}_{k:04d}.txt").write_text(f"digit {c}")
+    cfg = load_config(None, ["data.source=folder", f"data.import_path={folder}", f"data.root={tmp_path / 'ds'}",
+                             "data.image_size=8", "data.num_train=100", "data.num_val=20", "data.samples_per_shard=25"])
+    manifest = prepare(cfg)
+    assert manifest["available"] == 200 and manifest["splits"]["train"]["samples"] == 100
+    for split, n in (("train", 100), ("val", 20)):
+        classes = Counter(r[2] for r in records(cfg.data, split))
+        assert sum(classes.values()) == n and (len(classes) == 10 or split == "val" and len(classes) >= 7)
+        assert split == "val" or min(classes.values()) >= n / 10 / 2  # in proportion, not the first classes whole
+    first_shard = Counter(b for batch in make_loader([sorted(split_shards(cfg.data.root, "train"))[0]], 25) for b in batch["caption"])
+    assert len(first_shard) >= 6  # classes interleaved across shards
+    train_keys = {r[0] for r in records(cfg.data, "train")}
+    assert not train_keys & {r[0] for r in records(cfg.data, "val")}
 
 
 @pytest.mark.skipif(not Path(DEFAULT_PATHS["emoji"]).exists(), reason="fonts-noto-color-emoji is not installed")

@@ -11,6 +11,7 @@ missing or empty caption, or unreadable attributes skips what it spoils, is coun
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -68,11 +69,14 @@ def dataset_key(splits: dict[str, Any]) -> str:
 
 
 def write_dataset(directory: str | Path, splits: dict[str, Iterable[dict[str, Any]]], samples_per_shard: int,
-                  source: dict[str, Any]) -> dict[str, Any]:
-    """Write every split and the manifest; the directory appears complete or not at all."""
+                  source: dict[str, Any], available: int | None = None) -> dict[str, Any]:
+    """Write every split and the manifest (with how many items the source had, when it says); the
+    directory appears complete or not at all."""
     with atomic_directory(directory) as tmp:
         entries = {split: write_split(tmp, split, samples, samples_per_shard) for split, samples in splits.items()}
         manifest = {"format": 1, "key": dataset_key(entries), "source": source, "splits": entries}
+        if available is not None:
+            manifest["available"] = available
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -94,7 +98,9 @@ def split_shards(directory: str | Path, split: str) -> dict[str, int]:
 
 # ---- skip accounting ----------------------------------------------------------------------------
 
-SKIP_KINDS = ("shard", "missing", "image", "caption", "json")
+SKIP_KINDS = ("shard", "missing", "no_image", "image", "size", "caption", "utf8", "json")
+# image members the reader accepts, in the order it looks for them (every format PIL reads)
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif", "ppm")
 MAX_WORKERS = 64
 
 
@@ -124,24 +130,42 @@ class SkipCounts:
         if not any(totals.values()):
             return "no samples skipped"
         names = {"shard": "unreadable or short shards", "missing": "samples missing from short shards",
-                 "image": "undecodable images", "caption": "missing or empty captions",
-                 "json": "unreadable attribute files"}
-        return "skipped: " + ", ".join(f"{n} {names[kind]}" for kind, n in totals.items() if n)
+                 "no_image": "samples without an image member", "image": "undecodable images",
+                 "size": "images of another size than the dataset's", "caption": "missing or empty captions",
+                 "utf8": "captions that are not UTF-8", "json": "unreadable attribute files"}
+        text = "skipped: " + ", ".join(f"{n} {names[kind]}" for kind, n in totals.items() if n)
+        if totals["no_image"] or totals["size"]:  # foreign shards read as if they were this project's
+            text += ("; hint: these look like shards written elsewhere, not by prepare_data at data.image_size: "
+                     "write the dataset with python -m experiments.prepare_data (docs/data.md)")
+        return text
 
 
 # ---- reading ------------------------------------------------------------------------------------
 
-def decode(sample: dict[str, Any], counts: SkipCounts) -> dict[str, Any] | None:
-    """Raw tar sample -> {"key", "image" (3, H, W) in [-1, 1], "caption", "attributes"}, or None (counted)."""
-    caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+def decode(sample: dict[str, Any], counts: SkipCounts, image_size: int | None = None) -> dict[str, Any] | None:
+    """Raw tar sample -> {"key", "image" (3, H, W) in [-1, 1], "caption", "attributes"}, or None (counted).
+    The image is the first member in IMAGE_EXTENSIONS; one of another side than `image_size` is skipped,
+    never resized here (importers fit images to the dataset's size once, with one filter)."""
+    try:
+        caption = sample.get("txt", b"").decode("utf-8").strip()
+    except UnicodeDecodeError:
+        counts.add("utf8")
+        return None
     if not caption:
         counts.add("caption")
         return None
+    member = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if member is None:
+        counts.add("no_image")
+        return None
     try:
-        with Image.open(io.BytesIO(sample["png"])) as image:
+        with Image.open(io.BytesIO(sample[member])) as image:
             tensor = to_tensor(image)
     except Exception:  # PIL raises many types on bad bytes; any of them spoils only this sample
         counts.add("image")
+        return None
+    if image_size is not None and tensor.shape[1:] != (image_size, image_size):
+        counts.add("size")
         return None
     try:
         attributes = json.loads(sample["json"]) if "json" in sample else None
@@ -287,8 +311,11 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def make_loader(urls: list[str] | dict[str, int], batch_size: int, *, num_workers: int = 0, drop_last: bool = False,
-                **stream_args: Any) -> torch.utils.data.DataLoader:
-    """A DataLoader of collated batches over a ShardStream (stream_args go to ShardStream)."""
+                image_size: int | None = None, **stream_args: Any) -> torch.utils.data.DataLoader:
+    """A DataLoader of collated batches over a ShardStream (stream_args go to ShardStream); with
+    `image_size`, decoded images of another size are counted and skipped, so no batch mixes sizes."""
+    if image_size is not None:
+        stream_args["transform"] = functools.partial(decode, image_size=image_size)
     stream = ShardStream(urls, **stream_args)
     return torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                                        drop_last=drop_last, persistent_workers=False)

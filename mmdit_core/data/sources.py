@@ -103,12 +103,18 @@ def folder_items(path: Path) -> list[tuple[Path, str]]:
     return [((path.parent / row["path"]), str(row.get("caption", "")).strip()) for row in rows]
 
 
+def seeded_split(count: int, cfg: DataConfig, split: str) -> list[int]:
+    """Which of `count` items a split takes, in a seeded random order: the val split first (never more than
+    half), the train split from the rest; never the first N in name order, so a folder sorted by class
+    gives every split every class in proportion, interleaved across its shards."""
+    order = np.random.default_rng(cfg.seed).permutation(count).tolist()
+    n_val = min(cfg.num_val, count // 2)
+    return order[:n_val] if split == "val" else order[n_val:n_val + cfg.num_train]
+
+
 def folder_records(cfg: DataConfig, split: str) -> Iterator[Record]:
     items = folder_items(_input_path(cfg))
-    order = np.random.default_rng(cfg.seed).permutation(len(items))
-    val = set(order[:min(cfg.num_val, len(items) // 2)].tolist())  # a seeded hold-out, never more than half
-    chosen = [i for i in range(len(items)) if (i in val) == (split == "val")][:cfg.num_train if split == "train" else None]
-    for i in chosen:
+    for i in seeded_split(len(items), cfg, split):
         image_path, caption = items[i]
         with Image.open(image_path) as image:
             yield f"item{i:08d}", fit(image, cfg.image_size), caption, {"path": str(image_path)}
@@ -124,11 +130,8 @@ def emoji_records(cfg: DataConfig, split: str) -> Iterator[Record]:
     path = _input_path(cfg)
     cmap = TTFont(str(path), lazy=True).getBestCmap()
     chars = [chr(c) for lo, hi in EMOJI_RANGES for c in range(lo, hi + 1) if c in cmap and unicodedata.name(chr(c), "")]
-    order = np.random.default_rng(cfg.seed).permutation(len(chars))
-    n_val = min(cfg.num_val, len(chars) // 2)
-    picked = order[:n_val] if split == "val" else order[n_val:n_val + cfg.num_train]
     font = ImageFont.truetype(str(path), EMOJI_FONT_SIZE)
-    for i in picked.tolist():
+    for i in seeded_split(len(chars), cfg, split):
         char = chars[i]
         canvas = Image.new("RGB", (160, 160), "white")  # the glyph bitmap is about 136 × 128
         ImageDraw.Draw(canvas).text((12, 16), char, font=font, embedded_color=True)
@@ -140,4 +143,10 @@ SOURCES = {"scenes": scene_records, "fashion_mnist": fashion_mnist_records, "fol
 
 def records(cfg: DataConfig, split: str) -> Iterator[Record]:
     return SOURCES[cfg.source](cfg, split)
+
+
+def available(cfg: DataConfig) -> int | None:
+    """How many items an imported folder or table offers (recorded in the manifest beside how many each
+    split took); None for the other sources."""
+    return len(folder_items(_input_path(cfg))) if cfg.source == "folder" else None
 

@@ -8,6 +8,7 @@ has a next batch, and its StreamPosition makes a restarted reader continue with 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator
 
 import torch
@@ -40,7 +41,7 @@ class TrainingData:
             urls = latent_cache_shards(cfg)
             transform = decode_latent_sample(cfg.text.max_length)
         else:
-            urls, transform = split_shards(cfg.data.root, "train"), decode
+            urls, transform = split_shards(cfg.data.root, "train"), functools.partial(decode, image_size=cfg.data.image_size)
         self.loader = make_loader(urls, cfg.train.batch_size, num_workers=cfg.data.num_workers, drop_last=True,
                                   rank=rank, world_size=world_size, resampled=True, shuffle=cfg.data.shuffle_buffer,
                                   seed=cfg.data.seed, counts=self.counts, transform=transform,
@@ -60,7 +61,8 @@ class TrainingData:
 def read_split(root: str, split: str, limit: int) -> tuple[torch.Tensor, list[str], list[dict | None]]:
     """The first `limit` samples of a split, in order: pixels (N, 3, H, W), captions, attributes."""
     images, captions, attributes = [], [], []
-    for batch in make_loader(split_shards(root, split), 64, counts=SkipCounts()):
+    image_size = read_manifest(root)["source"].get("image_size")
+    for batch in make_loader(split_shards(root, split), 64, counts=SkipCounts(), image_size=image_size):
         images.append(batch["image"])
         captions += batch["caption"]
         attributes += batch["attributes"]
