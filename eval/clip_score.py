@@ -77,7 +77,8 @@ class TruncatingProcessor:
 
 
 class ClipScorer:
-    """Mean CLIP score (100 × cosine, floored at 0) of images against their captions, by the CLIP `name`."""
+    """Mean CLIP score of images against their captions (100 × cosine averaged, the mean floored at 0, as
+    torchmetrics computes it), by the CLIP `name`."""
 
     def __init__(self, clip: CLIPModel, processor: CLIPProcessor, device: str | torch.device = "cpu", name: str = ""):
         self.processor = TruncatingProcessor(processor, clip.config.text_config.max_position_embeddings)
@@ -95,23 +96,26 @@ class ClipScorer:
             self.metric.update(images[start:start + batch_size].to(self.device), captions[start:start + batch_size])
         return float(self.metric.compute())
 
-    @torch.no_grad()
     def embed_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Unit-length projected features (N, D) of uint8 images (N, 3, H, W), prepared by the processor
-        torchmetrics uses: `100 * (image * caption).sum(-1)` floored at 0 is the CLIP score."""
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            pixels = self.processor(images=list(images[start:start + batch_size]), return_tensors="pt")["pixel_values"]
-            chunks.append(self.model.get_image_features(pixels.to(self.device)))
-        return F.normalize(torch.cat(chunks).float(), dim=-1).cpu()
+        torchmetrics uses: 100 × the dot product with a caption's features is their cosine score."""
+        def features(rows: slice) -> torch.Tensor:
+            pixels = self.processor(images=list(images[rows]), return_tensors="pt")["pixel_values"]
+            return self.model.get_image_features(pixels.to(self.device))
 
-    @torch.no_grad()
+        return self._embed(len(images), batch_size, features)
+
     def embed_captions(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
         """Unit-length projected features (N, D) of captions (truncated to the context, as in scoring)."""
-        chunks = []
-        for start in range(0, len(captions), batch_size):
-            text = self.processor(text=captions[start:start + batch_size], return_tensors="pt", padding=True)
-            chunks.append(self.model.get_text_features(text["input_ids"].to(self.device), text["attention_mask"].to(self.device)))
+        def features(rows: slice) -> torch.Tensor:
+            text = self.processor(text=captions[rows], return_tensors="pt", padding=True)
+            return self.model.get_text_features(text["input_ids"].to(self.device), text["attention_mask"].to(self.device))
+
+        return self._embed(len(captions), batch_size, features)
+
+    @torch.no_grad()
+    def _embed(self, n: int, batch_size: int, features) -> torch.Tensor:
+        chunks = [features(slice(start, start + batch_size)) for start in range(0, n, batch_size)]
         return F.normalize(torch.cat(chunks).float(), dim=-1).cpu()
 
 

@@ -118,6 +118,11 @@ class Evaluator:
         for notice in self.notices:
             print(notice)
 
+    @property
+    def clip_name(self) -> str | None:
+        """Which CLIP scores (None: none loaded)."""
+        return self.clip.name if self.clip else None
+
     def _real_vs_real(self, verbose: bool) -> dict[str, Any]:
         """FID and KID of real images of another split against the reference at the same N: what a perfect
         model would score at this N (FID's small-sample bias made visible)."""
@@ -276,7 +281,7 @@ def evaluate(checkpoint: str | Path, *, samplers: list[str] | None = None, steps
     report = {"checkpoint": str(path), "step": step, "weights": cfg.eval.weights, "num_samples": cfg.eval.num_samples,
               "reference": evaluator.reference_key, "real_vs_real": evaluator.floor, "oracle_on_real_images": evaluator.oracle, "val_loss": sum(val.values()) / len(val),
               "val_loss_by_t": {f"{t:.3f}": v for t, v in val.items()}, "points": points,
-              "clip": evaluator.clip.name if evaluator.clip else None, "notices": evaluator.notices}
+              "clip": evaluator.clip_name, "notices": evaluator.notices}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     eval_curves(points, out / "curves.png")

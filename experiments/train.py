@@ -191,7 +191,7 @@ class RankLoop:
 
         if self.evaluator is None:
             self.evaluator = Evaluator(self.cfg, self.autoencoder, self.encoder, self.device, self.cfg.eval.train_samples, verbose=False)
-            self.tracker.set_tags({"clip_model": self.evaluator.clip.name if self.evaluator.clip else "none"})
+            self.tracker.set_tags({"clip_model": self.evaluator.clip_name or "none"})
         # fork_rng: the eval must not shift the training's random streams (loader seeds draw from them)
         with torch.random.fork_rng(devices=[]), self.trainer.ema.applied() as model, tempfile.TemporaryDirectory() as tmp:
             metrics = self.evaluator.run(model, self.flow, Setting.of(self.cfg.sample), Path(tmp))
