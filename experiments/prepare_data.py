@@ -1,9 +1,11 @@
 """Write a dataset's train/val webdataset shards and manifest.
 
-    python -m experiments.prepare_data --config C [--set data.source=fashion_mnist ...] [--force]
+    python -m experiments.prepare_data --config C [--set data.source=webdataset ...] [--force]
 
-Reads `data.source` (built-in scenes or an importer), writes `data.root`/{train,val}-NNNNNN.tar and
-manifest.json. Re-running with the same data config reuses what is there; --force rewrites it.
+Reads `data.source` (built-in scenes or an importer: docs/data.md), writes `data.root`/{train,val}-NNNNNN.tar
+and manifest.json, which records what the import counted (items available, skipped by kind, fetch
+failures by kind). Re-running with the same data config reuses what is there; --force rewrites it (a
+URL import keeps the images it already fetched).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mmdit_core.data.shards import encode_sample, read_manifest, write_dataset
-from mmdit_core.data.sources import available, records
+from mmdit_core.data.sources import read_source
 
 from .cli import config_parser, resolve_config
 
@@ -28,16 +30,17 @@ def prepare(cfg, force: bool = False) -> dict:
         if manifest["source"] == source:
             print(f"{root} already holds this data (key {manifest['key']}); --force rewrites it")
             return manifest
+    imported = read_source(data)
 
-    def split(name: str, limit: int):  # a generator: its progress bar starts when writing reaches it
-        for key, image, caption, attributes in tqdm(records(data, name), total=limit, desc=f"{name} samples", unit="img"):
+    def encoded(name: str, limit: int):  # a generator: its progress bar starts when writing reaches it
+        for key, image, caption, attributes in tqdm(imported.splits[name], total=limit, desc=f"{name} samples", unit="img"):
             yield encode_sample(key, image, caption, attributes)
 
-    manifest = write_dataset(root, {"train": split("train", data.num_train), "val": split("val", data.num_val)},
-                             data.samples_per_shard, source, available(data))
+    manifest = write_dataset(root, {"train": encoded("train", data.num_train), "val": encoded("val", data.num_val)},
+                             data.samples_per_shard, source, imported.summary)
     counts = {name: entry["samples"] for name, entry in manifest["splits"].items()}
     offered = f" of {manifest['available']} available (a seeded random subset)" if "available" in manifest else ""
-    print(f"wrote {root}: {json.dumps(counts)} samples{offered}, key {manifest['key']}")
+    print(f"wrote {root}: {json.dumps(counts)} samples{offered}, key {manifest['key']}; {imported.skipped.report()}")
     return manifest
 
 

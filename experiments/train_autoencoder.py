@@ -89,9 +89,8 @@ def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[AutoencoderKL, dict[
 @torch.no_grad()
 def fidelity(cfg: ExperimentConfig, autoencoder: Autoencoder) -> tuple[dict[str, Any], Image.Image]:
     """PSNR (pixels in [0, 1]) of val reconstructions and, on scenes, the oracle on reconstructions and on
-    the real images; and the side-by-side image of the first 12."""
-    available = read_manifest(cfg.data.root)["splits"]["val"]["samples"]
-    pixels, _, attributes = read_split(cfg.data.root, "val", min(available, FIDELITY_IMAGES))
+    the real images (a seeded sample of the val split); and the side-by-side image of the first 12."""
+    pixels, _, attributes = read_split(cfg.data.root, "val", FIDELITY_IMAGES, cfg.data.seed)
     recons = torch.cat([autoencoder.decode(autoencoder.encode(chunk)).clamp(-1, 1) for chunk in pixels.split(64)])
     psnr = PeakSignalNoiseRatio(data_range=1.0)
     psnr.update((recons + 1) / 2, (pixels + 1) / 2)

@@ -122,8 +122,8 @@ def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[CLIPModel, CLIPProce
 
 
 def validation(cfg: ExperimentConfig, scorer: ClipScorer) -> dict[str, Any]:
-    """eval/clip_validation.py on the val split (its first VALIDATION_IMAGES images)."""
-    pixels, captions, attributes = read_split(cfg.data.root, "val", VALIDATION_IMAGES)
+    """eval/clip_validation.py on a seeded sample of VALIDATION_IMAGES val images (all of a smaller split)."""
+    pixels, captions, attributes = read_split(cfg.data.root, "val", VALIDATION_IMAGES, cfg.data.seed)
     # attribute swaps need only the captions' attributes (the oracle's plain-background rule does not apply)
     scenes = [Scene.from_attributes(a) for a in attributes] if attributes and None not in attributes else None
     images = torch.from_numpy(to_uint8(pixels)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8

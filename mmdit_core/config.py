@@ -110,9 +110,23 @@ class SampleConfig(Section):
     seed: int = Field(0, ge=0)
 
 
+class FetchConfig(Section):
+    """How data.source=urls fetches images (mmdit_core/data/urls.py)."""
+
+    workers: int = Field(16, ge=1, description="concurrent requests")
+    timeout_s: float = Field(10.0, gt=0, description="per attempt: connecting, each read, and the whole body")
+    retries: int = Field(2, ge=0, description="further attempts after a timeout, a dropped connection, 429 or 5xx")
+    max_bytes: int = Field(20_000_000, ge=1, description="larger responses are refused, counted as too_large")
+
+
 class DataConfig(Section):
-    source: Literal["scenes", "fashion_mnist", "folder", "emoji"] = "scenes"
-    import_path: str | None = Field(None, description="input of an importer (idx folder, image folder or CSV/JSONL, font)")
+    source: Literal["scenes", "fashion_mnist", "folder", "emoji", "webdataset", "urls"] = "scenes"
+    import_path: str | None = Field(None, description="input of an importer: idx folder, image folder or CSV/JSONL, "
+                                    "font, shard paths or URLs (brace patterns, '::' between several), URL table")
+    caption_field: str | None = Field(None, description="webdataset: the .json member's field holding the caption "
+                                      "(default: the .txt member); urls: the table's caption column "
+                                      "(default: caption, TEXT or text)")
+    fetch: FetchConfig = FetchConfig()
     root: str = Field("data/scenes", description="dataset directory: shards + manifest.json")
     samples_per_shard: int = Field(1000, ge=1)
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per training rank")

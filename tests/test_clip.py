@@ -102,7 +102,7 @@ def test_a_short_training_scores_own_captions_above_shuffled_ones(tmp_path):
     assert "attribute_swaps" not in validation  # no scene attributes to swap on a foreign dataset
 
     # the same validation of the same CLIP untrained: no gap to speak of
-    pixels, captions, _ = read_split(cfg.data.root, "val", 32)
+    pixels, captions, _ = read_split(cfg.data.root, "val", 32, cfg.data.seed)
     tokenizer = train_clip.train_tokenizer(captions, cfg.clip.vocab_size, cfg.clip.context_length)
     untrained = clip_validation.ClipScorer(*train_clip.build_clip(cfg.clip, 16, tokenizer), name="untrained")
     images = torch.from_numpy(to_uint8(pixels)).permute(0, 3, 1, 2)

@@ -251,6 +251,28 @@ def test_a_class_sorted_folder_gives_every_split_every_class_interleaved(tmp_pat
     assert not train_keys & {r[0] for r in records(cfg.data, "val")}
 
 
+def test_evaluation_samples_a_split_at_random_however_its_shards_were_written(tmp_path):
+    from eval.fid import write_split_images
+    from mmdit_core.data.training import read_split
+
+    def by_class():  # shards written in class order, as a sorted folder would have been before
+        for c in range(10):
+            for k in range(20):
+                yield encode_sample(f"c{c}k{k:02d}", Image.new("RGB", (8, 8), (25 * c, 0, 0)), f"digit {c}")
+
+    write_dataset(tmp_path / "ds", {"val": by_class()}, 20, {"image_size": 8})
+    _, captions, _ = read_split(str(tmp_path / "ds"), "val", 20, seed=0)
+    assert len(captions) == 20 and len(set(captions)) >= 7  # the first 20 would be one class
+    assert read_split(str(tmp_path / "ds"), "val", 20, seed=0)[1] == captions  # seeded
+    assert read_split(str(tmp_path / "ds"), "val", 20, seed=1)[1] != captions
+    assert sorted(read_split(str(tmp_path / "ds"), "val", 500, seed=0)[1]) == sorted(f"digit {c}" for c in range(10) for _ in range(20))
+    out = tmp_path / "pngs"
+    out.mkdir()
+    assert write_split_images(tmp_path / "ds", "val", 20, 0, out) == 20
+    reds = {Image.open(f).getpixel((0, 0))[0] for f in out.iterdir()}
+    assert reds == {25 * int(c.split()[1]) for c in captions}  # the same sample, as the stored PNG files
+
+
 @pytest.mark.skipif(not Path(DEFAULT_PATHS["emoji"]).exists(), reason="fonts-noto-color-emoji is not installed")
 def test_emoji_importer():
     cfg = DataConfig(source="emoji", image_size=32, num_train=1, num_val=1)

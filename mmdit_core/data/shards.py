@@ -2,7 +2,8 @@
 
 A sample is `KEY.png` (RGB), `KEY.txt` (caption) and optionally `KEY.json` (attributes). A dataset
 directory holds `train-NNNNNN.tar`, `val-NNNNNN.tar` and `manifest.json` (counts, per-shard sha256,
-the config that made it); its `key` identifies the data for every cache built on it.
+the config that made it, what its import counted); its `key` identifies the data for every cache built
+on it. The reader also takes shards written elsewhere (any image member PIL reads).
 
 Reading never stops on bad data: an unreadable or truncated shard, undecodable image bytes, a
 missing or empty caption, or unreadable attributes skips what it spoils, is counted by kind in
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import io
 import itertools
 import json
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -69,14 +72,13 @@ def dataset_key(splits: dict[str, Any]) -> str:
 
 
 def write_dataset(directory: str | Path, splits: dict[str, Iterable[dict[str, Any]]], samples_per_shard: int,
-                  source: dict[str, Any], available: int | None = None) -> dict[str, Any]:
-    """Write every split and the manifest (with how many items the source had, when it says); the
-    directory appears complete or not at all."""
+                  source: dict[str, Any], imported: Callable[[], dict[str, Any]] = dict) -> dict[str, Any]:
+    """Write every split and the manifest, with what the import counted (`imported()`, called once the
+    splits are written: how many items were available, skipped, fetched); the directory appears
+    complete or not at all."""
     with atomic_directory(directory) as tmp:
         entries = {split: write_split(tmp, split, samples, samples_per_shard) for split, samples in splits.items()}
-        manifest = {"format": 1, "key": dataset_key(entries), "source": source, "splits": entries}
-        if available is not None:
-            manifest["available"] = available
+        manifest = {"format": 1, "key": dataset_key(entries), "source": source, "splits": entries, **imported()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -136,22 +138,33 @@ class SkipCounts:
         text = "skipped: " + ", ".join(f"{n} {names[kind]}" for kind, n in totals.items() if n)
         if totals["no_image"] or totals["size"]:  # foreign shards read as if they were this project's
             text += ("; hint: these look like shards written elsewhere, not by prepare_data at data.image_size: "
-                     "write the dataset with python -m experiments.prepare_data (docs/data.md)")
+                     "import them with python -m experiments.prepare_data --set data.source=webdataset "
+                     "--set data.import_path=SHARDS (docs/data.md)")
         return text
 
 
 # ---- reading ------------------------------------------------------------------------------------
 
-def decode(sample: dict[str, Any], counts: SkipCounts, image_size: int | None = None) -> dict[str, Any] | None:
-    """Raw tar sample -> {"key", "image" (3, H, W) in [-1, 1], "caption", "attributes"}, or None (counted).
-    The image is the first member in IMAGE_EXTENSIONS; one of another side than `image_size` is skipped,
-    never resized here (importers fit images to the dataset's size once, with one filter)."""
+def sample_members(sample: dict[str, Any], counts: SkipCounts,
+                   caption_field: str | None = None) -> tuple[str, Image.Image, dict | None] | None:
+    """(caption, loaded image, attributes) of a raw tar sample, or None with the reason counted.
+    The caption is the .txt member, or `caption_field` of the .json member; the image is the first
+    member in IMAGE_EXTENSIONS."""
     try:
-        caption = sample.get("txt", b"").decode("utf-8").strip()
+        attributes = json.loads(sample["json"]) if "json" in sample else None
+    except ValueError:
+        counts.add("json")
+        return None
+    try:
+        if caption_field is None:
+            caption = sample.get("txt", b"").decode("utf-8")
+        else:
+            caption = attributes.get(caption_field) if isinstance(attributes, dict) else None
+            caption = caption if isinstance(caption, str) else ""
     except UnicodeDecodeError:
         counts.add("utf8")
         return None
-    if not caption:
+    if not caption.strip():
         counts.add("caption")
         return None
     member = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
@@ -159,21 +172,53 @@ def decode(sample: dict[str, Any], counts: SkipCounts, image_size: int | None = 
         counts.add("no_image")
         return None
     try:
-        with Image.open(io.BytesIO(sample[member])) as image:
-            tensor = to_tensor(image)
+        image = Image.open(io.BytesIO(sample[member]))
+        image.load()
     except Exception:  # PIL raises many types on bad bytes; any of them spoils only this sample
         counts.add("image")
         return None
-    if image_size is not None and tensor.shape[1:] != (image_size, image_size):
+    return caption.strip(), image, attributes
+
+
+def decode(sample: dict[str, Any], counts: SkipCounts, image_size: int | None = None) -> dict[str, Any] | None:
+    """Raw tar sample -> {"key", "image" (3, H, W) in [-1, 1], "caption", "attributes", "index"}, or
+    None (counted). An image of another side than `image_size` is skipped, never resized here
+    (importers fit images to the dataset's size once, with one filter)."""
+    members = sample_members(sample, counts)
+    if members is None:
+        return None
+    caption, image, attributes = members
+    if image_size is not None and image.size != (image_size, image_size):
         counts.add("size")
         return None
-    try:
-        attributes = json.loads(sample["json"]) if "json" in sample else None
-    except ValueError:
-        counts.add("json")
-        return None
-    return {"key": sample["__key__"], "image": tensor, "caption": caption, "attributes": attributes,
+    return {"key": sample["__key__"], "image": to_tensor(image), "caption": caption, "attributes": attributes,
             "index": sample["__index__"]}
+
+
+def raw_png(sample: dict[str, Any], counts: SkipCounts) -> dict[str, Any] | None:
+    """The stored PNG bytes of a sample of this project's shards, unchanged (FID reference images)."""
+    if "png" not in sample:
+        counts.add("no_image")
+        return None
+    return {"png": sample["png"], "index": sample["__index__"]}
+
+
+def sample_of_split(root: str | Path, split: str, limit: int, seed: int,
+                    transform: Callable[[dict[str, Any], SkipCounts], dict[str, Any] | None] = decode,
+                    counts: SkipCounts | None = None) -> list[dict[str, Any]]:
+    """A seeded random sample of `limit` readable samples of a split (all of them when it has fewer), in
+    the sample's order: never the split's first N, so how the shards were written cannot narrow it."""
+    urls = split_shards(root, split)
+    rank = np.random.default_rng(seed).permutation(sum(urls.values()))  # rank[i]: place of stream position i
+    kept: list[tuple[int, int, dict[str, Any]]] = []  # a max-heap on rank of the `limit` best-ranked so far
+    for sample in ShardStream(urls, counts=counts, transform=transform):
+        i = sample["index"]  # a shard longer than its manifest says ranks its extra samples last
+        entry = (-(int(rank[i]) if i < len(rank) else i), i, sample)
+        if len(kept) < limit:
+            heapq.heappush(kept, entry)
+        elif entry[0] > kept[0][0]:
+            heapq.heapreplace(kept, entry)
+    return [sample for _, _, sample in sorted(kept, key=lambda e: -e[0])]
 
 
 @dataclass

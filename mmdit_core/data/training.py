@@ -18,7 +18,7 @@ from ..config import ExperimentConfig
 from ..flow import Conditioning
 from ..text import TextEncoder, text_key
 from .latents import cache_components, check_latent_cache, decode_latent_sample
-from .shards import SkipCounts, StreamPosition, decode, make_loader, read_manifest, split_shards
+from .shards import SkipCounts, StreamPosition, decode, make_loader, read_manifest, sample_of_split, split_shards
 
 
 def latent_cache_shards(cfg: ExperimentConfig) -> dict[str, int]:
@@ -58,22 +58,20 @@ class TrainingData:
             yield self.model_inputs(batch)
 
 
-def read_split(root: str, split: str, limit: int) -> tuple[torch.Tensor, list[str], list[dict | None]]:
-    """The first `limit` samples of a split, in order: pixels (N, 3, H, W), captions, attributes."""
-    images, captions, attributes = [], [], []
+def read_split(root: str, split: str, limit: int, seed: int) -> tuple[torch.Tensor, list[str], list[dict | None]]:
+    """A seeded random sample of `limit` samples of a split (shards.sample_of_split): pixels (N, 3, H, W),
+    captions, attributes."""
     image_size = read_manifest(root)["source"].get("image_size")
-    for batch in make_loader(split_shards(root, split), 64, counts=SkipCounts(), image_size=image_size):
-        images.append(batch["image"])
-        captions += batch["caption"]
-        attributes += batch["attributes"]
-        if len(captions) >= limit:
-            break
-    return torch.cat(images)[:limit], captions[:limit], attributes[:limit]
+    samples = sample_of_split(root, split, limit, seed, functools.partial(decode, image_size=image_size))
+    if not samples:
+        raise ValueError(f"{root} split {split!r} has no readable samples")
+    return (torch.stack([s["image"] for s in samples]), [s["caption"] for s in samples],
+            [s["attributes"] for s in samples])
 
 
 def validation_set(cfg: ExperimentConfig, autoencoder: Autoencoder, encoder: TextEncoder,
                    limit: int) -> tuple[torch.Tensor, Conditioning, list[str]]:
-    """The first `limit` val samples as model inputs (fixed: comparable across steps and runs)."""
-    pixels, captions, _ = read_split(cfg.data.root, "val", limit)
+    """A seeded sample of `limit` val samples as model inputs (fixed: comparable across steps and runs)."""
+    pixels, captions, _ = read_split(cfg.data.root, "val", limit, cfg.data.seed)
     latents = torch.cat([autoencoder.encode(chunk) for chunk in pixels.split(64)])
     return latents, encoder.encode(captions), captions
