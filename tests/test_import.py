@@ -22,8 +22,8 @@ from mmdit_core.autoencoder import Autoencoder
 from mmdit_core.config import load_config
 from mmdit_core.data.images import fit, to_rgb
 from mmdit_core.data.shards import make_loader, split_shards
+from mmdit_core.data.sources import URL_COLUMNS, read_table
 from mmdit_core.data.training import TrainingData
-from mmdit_core.data.urls import read_table
 from mmdit_core.flow import RectifiedFlow
 from mmdit_core.model import MMDiT
 from mmdit_core.text import TextEncoder
@@ -259,8 +259,8 @@ def test_tables_in_laion_columns_and_other_formats_are_read(tmp_path):
     frame.to_parquet(tmp_path / "t.parquet")
     frame.to_csv(tmp_path / "t.csv", index=False)
     for name in ("t.parquet", "t.csv"):
-        assert read_table(tmp_path / name, None) == (["http://a/1.jpg", ""], ["a cat", "a dog"])
-    with pytest.raises(ValueError, match=r"needs a URL column .* it has \['URL', 'TEXT', 'WIDTH'\]"):
-        read_table(tmp_path / "t.csv", "caption")
+        assert read_table(tmp_path / name, URL_COLUMNS) == (["http://a/1.jpg", ""], ["a cat", "a dog"])
+    with pytest.raises(ValueError, match=r"needs a column url or URL and a caption column caption; it has \['URL', 'TEXT', 'WIDTH'\]"):
+        read_table(tmp_path / "t.csv", URL_COLUMNS, "caption")
     with pytest.raises(ValueError, match="expected a .csv, .jsonl or .parquet"):
-        read_table(tmp_path / "t.tsv", None)
+        read_table(tmp_path / "t.tsv", URL_COLUMNS)

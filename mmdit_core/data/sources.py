@@ -2,7 +2,7 @@
 
 scenes         the built-in procedural scenes (no input needed)
 fashion_mnist  idx files (Debian's dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist)
-folder         images with same-name .txt captions, or a CSV / JSONL file of path,caption rows
+folder         images with same-name .txt captions, or a CSV / JSONL / Parquet table of path + caption
 emoji          a colour-emoji font (Debian's fonts-noto-color-emoji), captioned by Unicode names
 webdataset     shards written elsewhere, img2dataset's KEY.jpg + KEY.txt + KEY.json the reference case:
                paths, a folder of .tar files, brace patterns, pipe: and http(s) URLs, and any URL fsspec
@@ -18,11 +18,9 @@ attributes) and counts what it could not use, by kind; both go into the dataset'
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
 import heapq
-import json
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 from urllib.parse import urlparse
 
 import numpy as np
+import pandas as pd
 import requests
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
@@ -95,23 +94,39 @@ def fashion_mnist_records(cfg: DataConfig, split: str, counts: SkipCounts) -> It
     images = read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
     limit = cfg.num_train if split == "train" else cfg.num_val
-    for i in range(min(limit, len(labels))):
+    for i in np.random.default_rng(cfg.seed).permutation(len(labels))[:limit].tolist():
         label = int(labels[i])
         yield f"fmnist-{prefix}-{i:06d}", fit(Image.fromarray(images[i]), cfg.image_size), FASHION_CAPTIONS[label], {"label": label}
 
 
-def folder_items(path: Path) -> list[tuple[Path, str]]:
-    """(image path, caption) pairs from a folder of image + .txt files, or a CSV / JSONL listing."""
+URL_COLUMNS = ("url", "URL")
+CAPTION_COLUMNS = ("caption", "TEXT", "text")
+
+
+def read_table(path: Path, item_columns: tuple[str, ...], caption_field: str | None = None) -> tuple[list[str], list[str]]:
+    """(items, captions) of a CSV / JSONL / Parquet table: the first of `item_columns` it has, and
+    `caption_field` or the first of CAPTION_COLUMNS it has; empty cells become ''."""
+    readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
+    if path.suffix not in readers:
+        raise ValueError(f"data.import_path={path}: expected a .csv, .jsonl or .parquet table")
+    table = readers[path.suffix](path)
+    item_column = next((c for c in item_columns if c in table.columns), None)
+    caption_column = caption_field or next((c for c in CAPTION_COLUMNS if c in table.columns), None)
+    if item_column is None or caption_column not in table.columns:
+        raise ValueError(f"{path} needs a column {' or '.join(item_columns)} and a caption column "
+                         f"{caption_field or ' or '.join(CAPTION_COLUMNS)}; it has {list(table.columns)}")
+    cells = lambda column: ["" if pd.isna(v) else str(v).strip() for v in table[column]]  # noqa: E731
+    return cells(item_column), cells(caption_column)
+
+
+def folder_items(path: Path, caption_field: str | None = None) -> list[tuple[Path, str]]:
+    """(image path, caption) pairs from a folder of image + .txt files, or a table of path + caption
+    (paths relative to the table's folder)."""
     if path.is_dir():
         images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         return [(p, p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else "") for p in images]
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".csv":
-        rows = list(csv.DictReader(path.open()))
-    else:
-        raise ValueError(f"data.import_path={path}: expected a folder, a .csv or a .jsonl file")
-    return [((path.parent / row["path"]), str(row.get("caption", "")).strip()) for row in rows]
+    paths, captions = read_table(path, ("path",), caption_field)
+    return [(path.parent / item, caption) for item, caption in zip(paths, captions)]
 
 
 def seeded_split(count: int, cfg: DataConfig, split: str) -> list[int]:
@@ -125,7 +140,7 @@ def seeded_split(count: int, cfg: DataConfig, split: str) -> list[int]:
 
 def folder_records(cfg: DataConfig, split: str, counts: SkipCounts) -> Iterator[Record]:
     """An image that does not open, or one without a caption, is counted and skipped."""
-    items = folder_items(_input_path(cfg))
+    items = folder_items(_input_path(cfg), cfg.caption_field)
     for i in seeded_split(len(items), cfg, split):
         image_path, caption = items[i]
         if not caption:
@@ -286,11 +301,12 @@ def read_source(cfg: DataConfig) -> Import:
             raise ValueError(f"data.import_path is required for data.source={cfg.source}")
         details: dict[str, Any] = {}
         if cfg.source == "urls":
-            urls, details["fetch"] = fetch_table(cfg)
+            table = _input_path(cfg)
+            urls, details["fetch"] = fetch_table(cfg, table, *read_table(table, URL_COLUMNS, cfg.caption_field))
         else:
             urls = shard_urls(cfg.import_path)
         stream = tqdm(webdataset_records(urls, cfg, counts), desc="reading shards", unit="img")
         splits, details["available"] = choose(stream, cfg)
         return Import(splits, counts, details)
-    details = {"available": len(folder_items(_input_path(cfg)))} if cfg.source == "folder" else {}
+    details = {"available": len(folder_items(_input_path(cfg), cfg.caption_field))} if cfg.source == "folder" else {}
     return Import({split: records(cfg, split, counts) for split in SPLITS}, counts, details)

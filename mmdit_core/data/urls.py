@@ -1,9 +1,9 @@
 """data.source=urls: a table of image URLs and captions, fetched into shards that an interrupted import
 resumes from.
 
-The table (CSV, JSONL or Parquet; LAION's URL / TEXT columns, or url / caption) is read whole and its
-rows put in a seeded random order. They are fetched in parts of data.samples_per_shard rows,
-data.fetch.workers requests at a time, each bounded by data.fetch (timeout, retries, size cap) and
+The table (CSV, JSONL or Parquet; LAION's URL / TEXT columns, or url / caption; sources.read_table) is
+read whole and its rows put in a seeded random order. They are fetched in parts of
+data.samples_per_shard rows, data.fetch.workers requests at a time, each bounded by data.fetch (timeout, retries, size cap) and
 fitted to data.image_size as it arrives. A part is written as `part-NNNNNN.tar` (this project's shard
 format), then its counts as `part-NNNNNN.json`: a part with its counts is finished, and a rerun never
 fetches it again. Parts are fetched until num_train + num_val images are in hand or the table ends.
@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import requests
 import urllib3
 import webdataset as wds
@@ -41,24 +40,7 @@ from ..files import sha256_file
 from .images import fit
 from .shards import encode_sample
 
-URL_COLUMNS = ("url", "URL")
-CAPTION_COLUMNS = ("caption", "TEXT", "text")
 RETRY_STATUSES = (429, 500, 502, 503, 504)
-
-
-def read_table(path: Path, caption_field: str | None) -> tuple[list[str], list[str]]:
-    """(urls, captions) of a CSV / JSONL / Parquet table; empty cells become ''."""
-    readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
-    if path.suffix not in readers:
-        raise ValueError(f"data.import_path={path}: expected a .csv, .jsonl or .parquet table of URLs and captions")
-    table = readers[path.suffix](path)
-    url_column = next((c for c in URL_COLUMNS if c in table.columns), None)
-    caption_column = caption_field or next((c for c in CAPTION_COLUMNS if c in table.columns), None)
-    if url_column is None or caption_column not in table.columns:
-        raise ValueError(f"{path} needs a URL column ({' or '.join(URL_COLUMNS)}) and a caption column "
-                         f"({caption_field or ' or '.join(CAPTION_COLUMNS)}); it has {list(table.columns)}")
-    cells = lambda column: ["" if pd.isna(v) else str(v).strip() for v in table[column]]  # noqa: E731
-    return cells(url_column), cells(caption_column)
 
 
 def fetch_dir(cfg: DataConfig, table: Path) -> Path:
@@ -165,13 +147,10 @@ def fetch_part(path: Path, rows: list[tuple[int, str, str]], cfg: DataConfig, po
     return counts
 
 
-def fetch_table(cfg: DataConfig) -> tuple[list[str], dict[str, Any]]:
-    """Fetch the table's rows in seeded order, part by part, until enough images are in hand; finished
-    parts are kept from any earlier run. Returns the parts' shard paths and what fetching counted."""
-    table = Path(cfg.import_path)
-    if not table.is_file():
-        raise FileNotFoundError(f"data.import_path={table} does not exist (data.source=urls)")
-    urls, captions = read_table(table, cfg.caption_field)
+def fetch_table(cfg: DataConfig, table: Path, urls: list[str], captions: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Fetch the rows of `table` (its urls and captions) in seeded order, part by part, until enough
+    images are in hand; finished parts are kept from any earlier run. Returns the parts' shard paths
+    and what fetching counted."""
     order = np.random.default_rng(cfg.seed).permutation(len(urls)).tolist()
     directory = fetch_dir(cfg, table)
     directory.mkdir(parents=True, exist_ok=True)
