@@ -8,7 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.2
 
-.PHONY: install demo test bench ui cluster-up cluster-down cluster-demo sweep sweep-smoke clean
+.PHONY: install demo test lint bench ui cluster-up cluster-down cluster-demo sweep sweep-smoke clean
 
 install: $(STAMP)
 
@@ -49,6 +49,11 @@ sweep-smoke: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff: lint (pyflakes, pycodestyle, import order) and the formatter's check; `ruff format .` applies it.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The performance benchmark at the demo config (its data, autoencoder and latent cache are made first if missing):
 # outputs/bench.json and outputs/bench.md. Minutes here; README has the latest table.

@@ -78,14 +78,17 @@ class SweepPlan:
         if self.combine == "product":
             combos = [dict(zip(training, arms)) for arms in itertools.product(*training.values())]
         else:
-            combos = [reference] + [{**reference, name: arm} for name, arms in training.items() for arm in arms
-                                    if arm != reference[name]]
+            combos = [reference] + [
+                {**reference, name: arm} for name, arms in training.items() for arm in arms if arm != reference[name]
+            ]
         return [Trial(tuple(combo.items()), seed) for combo in combos for seed in range(self.seeds)]
 
     def sampling_overrides(self, axis: str, arm: str) -> list[str]:
         """The reference arm of every sampling axis, with `axis` moved to `arm`."""
         sampling = self.of_kind("sampling")
-        return [o for name in sampling for o in get_axis(name).overrides(arm if name == axis else get_axis(name).reference)]
+        return [
+            o for name in sampling for o in get_axis(name).overrides(arm if name == axis else get_axis(name).reference)
+        ]
 
 
 def load_preset(name: str) -> SweepPlan:
@@ -95,6 +98,12 @@ def load_preset(name: str) -> SweepPlan:
         raise FileNotFoundError(f"no sweep preset {name!r} (presets: {known})")
     spec = yaml.safe_load(path.read_text())
     axes = {axis: tuple(str(a) for a in arms) if arms else get_axis(axis).arms for axis, arms in spec["axes"].items()}
-    return SweepPlan(name=name, config=str(PROJECT_ROOT / spec["config"]), axes=axes, seeds=int(spec["seeds"]),
-                     overrides=tuple(spec.get("set", [])), combine=spec.get("combine", "one_at_a_time"),
-                     description=spec.get("description", ""))
+    return SweepPlan(
+        name=name,
+        config=str(PROJECT_ROOT / spec["config"]),
+        axes=axes,
+        seeds=int(spec["seeds"]),
+        overrides=tuple(spec.get("set", [])),
+        combine=spec.get("combine", "one_at_a_time"),
+        description=spec.get("description", ""),
+    )

@@ -29,27 +29,42 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
+from eval.figures import titled_row  # noqa: E402
 from eval.stats import Interval, mean_interval, paired_difference, verdict  # noqa: E402
-from experiments.figures import titled_row  # noqa: E402
+from experiments.cli import add_tracking_uri  # noqa: E402
 from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri  # noqa: E402
 
 from .axes import get_axis  # noqa: E402
 
 # metric -> (label, higher is better)
 METRICS = {
-    "eval/fid": ("FID", False), "eval/kid": ("KID", False),
-    "eval/adherence_colour": ("colour adherence", True), "eval/adherence_position": ("position adherence", True),
-    "eval/adherence_shape": ("shape adherence", True), "eval/adherence_whole": ("whole-caption adherence", True),
+    "eval/fid": ("FID", False),
+    "eval/kid": ("KID", False),
+    "eval/adherence_colour": ("colour adherence", True),
+    "eval/adherence_position": ("position adherence", True),
+    "eval/adherence_shape": ("shape adherence", True),
+    "eval/adherence_whole": ("whole-caption adherence", True),
     "eval/adherence_whole_shape": ("whole caption with shape", True),
-    "eval/clip_score": ("CLIP score", True), "val/loss": ("final val loss", False),
-    "train/img_per_s": ("train images/s", True), "wall_s": ("wall time (s)", False),
+    "eval/clip_score": ("CLIP score", True),
+    "val/loss": ("final val loss", False),
+    "train/img_per_s": ("train images/s", True),
+    "wall_s": ("wall time (s)", False),
 }
-HEADLINE = ("eval/fid", "eval/kid", "eval/adherence_position", "eval/adherence_shape", "eval/adherence_whole_shape",
-            "eval/clip_score", "val/loss")
-AGREEMENT = ("eval/adherence_whole", "eval/adherence_whole_shape")  # the oracle's verdicts the CLIP score is ranked against
+HEADLINE = (
+    "eval/fid",
+    "eval/kid",
+    "eval/adherence_position",
+    "eval/adherence_shape",
+    "eval/adherence_whole_shape",
+    "eval/clip_score",
+    "val/loss",
+)
+AGREEMENT = (
+    "eval/adherence_whole",
+    "eval/adherence_whole_shape",
+)  # the oracle's verdicts the CLIP score is ranked against
 TRAINED = ("val/loss", "train/img_per_s", "wall_s")  # properties of the training run: no sampling arm moves them
 NOT_COMPARABLE = "not comparable: a different loss"
-SAMPLING_FIELDS = {"sample.cfg_scale": "cfg_scale", "sample.steps": "steps", "sample.sampler": "sampler", "eval.weights": "weights"}
 
 
 @dataclass
@@ -84,21 +99,27 @@ def observations(client, experiment_id: str, parent_id: str, axes: dict[str, lis
     for trial in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
         latest: dict[tuple, tuple[int, Observation]] = {}
         training = {k.removeprefix("arm."): v for k, v in trial.data.tags.items() if k.startswith("arm.")}
-        trained = {k: v for k, v in trial.data.metrics.items() if k in TRAINED}
-        if trial.info.end_time:
-            trained["wall_s"] = (trial.info.end_time - trial.info.start_time) / 1000
+        trained = {
+            k: v for k, v in trial.data.metrics.items() if k in TRAINED
+        }  # wall_s: its attempts, not its downtime
         for ev in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{trial.info.run_id}'"):
             sampling = {}
             for name in sampling_axes:
-                value = ev.data.params[SAMPLING_FIELDS[get_axis(name).field]]
+                value = ev.data.params[
+                    get_axis(name).field.split(".")[-1]
+                ]  # eval runs log their sampling fields by name
                 sampling[name] = next((arm for arm in axes[name] if _same(arm, value)), value)
             metrics = {k: v for k, v in ev.data.metrics.items() if k in METRICS}
             # eval runs from before the CLIP was named carry no tag
             clip = ev.data.tags.get("clip_model", "unknown" if "eval/clip_score" in metrics else "none")
             point = tuple(sorted(sampling.items()))
             if point not in latest or (ev.info.end_time or 0) > latest[point][0]:
-                latest[point] = (ev.info.end_time or 0, Observation(training, sampling, int(trial.data.tags["seed"]),
-                                                                    {**trained, **metrics}, ev.info.run_id, clip))
+                latest[point] = (
+                    ev.info.end_time or 0,
+                    Observation(
+                        training, sampling, int(trial.data.tags["seed"]), {**trained, **metrics}, ev.info.run_id, clip
+                    ),
+                )
         found += [o for _, o in latest.values()]
     return found
 
@@ -131,9 +152,17 @@ def summarise(obs: list[Observation], axes: dict[str, list[str]]) -> dict[str, A
                     continue
                 paired = comparable and arm != info.reference and set(values) & set(ref)
                 diff = paired_difference(values, ref) if paired else None
-                table[arm] = {"mean": mean_interval(list(values.values())), "diff": diff,
-                              "verdict": "reference" if arm == info.reference else verdict(diff, higher) if diff
-                              else "no reference" if comparable else NOT_COMPARABLE}
+                table[arm] = {
+                    "mean": mean_interval(list(values.values())),
+                    "diff": diff,
+                    "verdict": "reference"
+                    if arm == info.reference
+                    else verdict(diff, higher)
+                    if diff
+                    else "no reference"
+                    if comparable
+                    else NOT_COMPARABLE,
+                }
             if table:
                 per_metric[metric] = table
         out[axis] = per_metric
@@ -145,16 +174,19 @@ def training_label(o: Observation) -> str:
     return ",".join(f"{a}={v}" for a, v in o.training.items() if not _same(v, get_axis(a).reference)) or "reference"
 
 
-def sampling_curves(obs: list[Observation], axes: dict[str, list[str]], sampling_axis: str,
-                    metric: str) -> dict[str, dict[str, Interval]]:
+def sampling_curves(
+    obs: list[Observation], axes: dict[str, list[str]], sampling_axis: str, metric: str
+) -> dict[str, dict[str, Interval]]:
     """{training arms: {sampling arm: mean over seeds}}: every trained variant across one sampling axis,
     the other sampling axes at their reference (how, e.g., CFG interacts with each training arm)."""
     values: dict[str, dict[str, list[float]]] = {}
     for o in obs:
         if metric in o.metrics and _at_reference({a: v for a, v in o.sampling.items() if a != sampling_axis}):
             values.setdefault(training_label(o), {}).setdefault(o.sampling[sampling_axis], []).append(o.metrics[metric])
-    return {label: {arm: mean_interval(by_arm[arm]) for arm in axes[sampling_axis] if arm in by_arm}
-            for label, by_arm in values.items()}
+    return {
+        label: {arm: mean_interval(by_arm[arm]) for arm in axes[sampling_axis] if arm in by_arm}
+        for label, by_arm in values.items()
+    }
 
 
 def _interval(i: Interval | None, scale: float = 1.0) -> str:
@@ -173,9 +205,20 @@ def tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         rows = []
         for metric, table in per_metric.items():
             for arm, cell in table.items():
-                rows.append([METRICS[metric][0], arm, str(cell["mean"].n), _interval(cell["mean"]), _interval(cell["diff"]), cell["verdict"]])
+                rows.append(
+                    [
+                        METRICS[metric][0],
+                        arm,
+                        str(cell["mean"].n),
+                        _interval(cell["mean"]),
+                        _interval(cell["diff"]),
+                        cell["verdict"],
+                    ]
+                )
         axis_info = get_axis(axis)
-        out.append((f"{axis} ({axis_info.kind}-time; reference {axis_info.reference}): {axis_info.tests}", header, rows))
+        out.append(
+            (f"{axis} ({axis_info.kind}-time; reference {axis_info.reference}): {axis_info.tests}", header, rows)
+        )
     return out
 
 
@@ -195,14 +238,25 @@ def headline(summary: dict[str, Any]) -> list[str]:
     and the verdict where the interval excludes 0."""
     metrics = [m for m in HEADLINE if any(m in per_metric for per_metric in summary.values())]
     lines = ["| arm | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
-    reference = {m: cell["mean"] for per_metric in summary.values() for m, table in per_metric.items()
-                 for cell in table.values() if cell["verdict"] == "reference"}
+    reference = {
+        m: cell["mean"]
+        for per_metric in summary.values()
+        for m, table in per_metric.items()
+        for cell in table.values()
+        if cell["verdict"] == "reference"
+    }
     lines.append("| reference: mean [95% CI] | " + " | ".join(_interval(reference.get(m)) for m in metrics) + " |")
     for axis, per_metric in summary.items():
-        arms = list(dict.fromkeys(arm for m in metrics for arm in per_metric.get(m, {}) if arm != get_axis(axis).reference))
+        arms = list(
+            dict.fromkeys(arm for m in metrics for arm in per_metric.get(m, {}) if arm != get_axis(axis).reference)
+        )
         for arm in arms:
             cells = [per_metric.get(m, {}).get(arm) for m in metrics]
-            lines.append(f"| {axis}={arm}: difference | " + " | ".join("-" if c is None else _difference(c) for c in cells) + " |")
+            lines.append(
+                f"| {axis}={arm}: difference | "
+                + " | ".join("-" if c is None else _difference(c) for c in cells)
+                + " |"
+            )
     return lines
 
 
@@ -226,12 +280,19 @@ def agreement_lines(agreement: dict[str, Any] | None) -> list[str]:
     if agreement is None:
         return []
     clips = agreement["clips"]
-    lines = [f"CLIP score by: {clips[0]}." if len(clips) == 1 else
-             f"**CLIP scores come from {len(clips)} different CLIPs, which are not comparable**: " + "; ".join(clips) + "."]
+    lines = [
+        f"CLIP score by: {clips[0]}."
+        if len(clips) == 1
+        else f"**CLIP scores come from {len(clips)} different CLIPs, which are not comparable**: "
+        + "; ".join(clips)
+        + "."
+    ]
     ranked = [(METRICS[m][0], agreement[m]) for m in AGREEMENT if m in agreement]
     if ranked:
-        lines.append(f"Agreement with the oracle, Spearman ρ of CLIP score over the {ranked[0][1]['n']} trials (arms × seeds, "
-                     "reference sampling settings): " + ", ".join(f"with {label} {_rho(a)}" for label, a in ranked) + ".")
+        lines.append(
+            f"Agreement with the oracle, Spearman ρ of CLIP score over the {ranked[0][1]['n']} trials (arms × seeds, "
+            "reference sampling settings): " + ", ".join(f"with {label} {_rho(a)}" for label, a in ranked) + "."
+        )
     return [" ".join(lines), ""]
 
 
@@ -242,7 +303,10 @@ def _rho(a: dict[str, float]) -> str:
 def markdown(name: str, summary: dict[str, Any], seeds: int, agreement: dict[str, Any] | None = None) -> str:
     lines = [f"# Sweep {name}", ""]
     if seeds < 3:
-        lines += [f"**{seeds} seed(s) per arm: too few for confident intervals** (95% t-intervals widen sharply below 3).", ""]
+        lines += [
+            f"**{seeds} seed(s) per arm: too few for confident intervals** (95% t-intervals widen sharply below 3).",
+            "",
+        ]
     lines += ["## Headline", "", *headline(summary), "", *agreement_lines(agreement)]
     for title, header, rows in tables(summary):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -251,11 +315,17 @@ def markdown(name: str, summary: dict[str, Any], seeds: int, agreement: dict[str
 
 
 def html_page(name: str, summary: dict[str, Any], agreement: dict[str, Any] | None = None) -> str:
-    parts = [f"<html><head><meta charset='utf-8'><title>Sweep {html.escape(name)}</title></head><body><h1>Sweep {html.escape(name)}</h1>"]
+    parts = [
+        f"<html><head><meta charset='utf-8'><title>Sweep {html.escape(name)}</title></head>"
+        f"<body><h1>Sweep {html.escape(name)}</h1>"
+    ]
     parts += [f"<p>{html.escape(line).replace('**', '')}</p>" for line in agreement_lines(agreement) if line]
     for title, header, rows in tables(summary):
-        parts.append(f"<h2>{html.escape(title)}</h2><table border='1' cellpadding='4'><tr>"
-                     + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        parts.append(
+            f"<h2>{html.escape(title)}</h2><table border='1' cellpadding='4'><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+            + "</tr>"
+        )
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
     return "\n".join(parts + ["</body></html>"])
@@ -290,7 +360,9 @@ def plot_sampling_curves(obs: list[Observation], axes: dict[str, list[str]], sam
         for label, by_arm in sorted(curves[metric].items()):
             x = [arms.index(arm) for arm in by_arm]
             means = list(by_arm.values())
-            ax.errorbar(x, [m.mean for m in means], yerr=[m.half_width for m in means], marker="o", capsize=3, label=label)
+            ax.errorbar(
+                x, [m.mean for m in means], yerr=[m.half_width for m in means], marker="o", capsize=3, label=label
+            )
         ax.set_xticks(range(len(arms)), arms, fontsize=8)
         ax.set_xlabel(sampling_axis, fontsize=8)
         ax.set_title(METRICS[metric][0], fontsize=9)
@@ -312,7 +384,12 @@ def sample_sheet(client, obs: list[Observation], path: Path) -> bool:
         for label, o in sorted(firsts.items(), key=lambda item: item[0] != "reference"):
             grids = [a.path for a in client.list_artifacts(o.run_id) if a.path.startswith("grid_")]
             if grids:
-                panels.append((f"{label} (seed {o.seed})", Image.open(client.download_artifacts(o.run_id, grids[0], tmp)).convert("RGB")))
+                panels.append(
+                    (
+                        f"{label} (seed {o.seed})",
+                        Image.open(client.download_artifacts(o.run_id, grids[0], tmp)).convert("RGB"),
+                    )
+                )
     if panels:
         titled_row(panels).save(path)
     return bool(panels)
@@ -361,7 +438,7 @@ def report(name: str, tracking_uri: str | None = None, out: str | Path | None = 
 def main(argv=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", required=True, help="the sweep's name (printed by ablations.sweep)")
-    parser.add_argument("--tracking-uri", default=None)
+    add_tracking_uri(parser)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     result = report(args.sweep, args.tracking_uri, args.out)

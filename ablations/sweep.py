@@ -30,11 +30,14 @@ from typing import Any
 
 import torch
 
-from eval.evaluate import evaluate, resolve_checkpoint
+from eval.evaluator import GRID, resolve_checkpoint
+from experiments.cli import add_overrides, add_tracking_uri
 from experiments.cluster import start_ray
 from experiments.demo import prepare_inputs
+from experiments.evaluate import evaluate
+from experiments.rank_loop import Faults
 from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri
-from experiments.train import Faults, check_inputs, fit
+from experiments.train import check_inputs, fit
 from mmdit_core.config import ConfigError, load_config
 
 from .axes import AXES, get_axis
@@ -42,12 +45,19 @@ from .plan import PROJECT_ROOT, SweepPlan, Trial, load_preset
 from .report import report, sweep_parent
 
 STORAGE = "outputs/sweeps"
-GRID_ARGS = {"sample.sampler": ("samplers", str), "sample.steps": ("steps", int), "sample.cfg_scale": ("scales", float)}  # evaluate()'s grid
 
 
 def sweep_name(plan: SweepPlan) -> str:
-    definition = json.dumps({"config": load_config(plan.config).to_dict(), "axes": plan.axes, "seeds": plan.seeds,
-                             "overrides": plan.overrides, "combine": plan.combine}, sort_keys=True)
+    definition = json.dumps(
+        {
+            "config": load_config(plan.config).to_dict(),
+            "axes": plan.axes,
+            "seeds": plan.seeds,
+            "overrides": plan.overrides,
+            "combine": plan.combine,
+        },
+        sort_keys=True,
+    )
     return f"{plan.name}-{hashlib.sha256(definition.encode()).hexdigest()[:8]}"
 
 
@@ -61,8 +71,9 @@ def trial_of(space: dict[str, Any]) -> Trial:
     return Trial(tuple(tuple(pair) for pair in space["arms"]), space["seed"])
 
 
-def evaluate_arms(plan: SweepPlan, checkpoint: str, tracking_uri: str, run_name: str | None = None,
-                  extra: tuple[str, ...] = ()) -> tuple[dict[str, float], dict[str, Any]]:
+def evaluate_arms(
+    plan: SweepPlan, checkpoint: str, tracking_uri: str, run_name: str | None = None, extra: tuple[str, ...] = ()
+) -> tuple[dict[str, float], dict[str, Any]]:
     """The checkpoint's eval metrics at every sampling-time arm (`eval/<metric>` at the reference, else
     `eval_<axis>_<arm>/<metric>`), and the last evaluate() report (its step, its CLIP). A sampler, steps
     or CFG axis is one evaluate() call over its arms (its grid), so the text encoder, Inception and
@@ -76,19 +87,30 @@ def evaluate_arms(plan: SweepPlan, checkpoint: str, tracking_uri: str, run_name:
         prefix = "eval" if arm == get_axis(axis).reference else f"eval_{axis}_{arm}"
         results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
 
-    def points(overrides: list[str], **grid) -> list[dict[str, Any]]:
-        reports.append(evaluate(checkpoint, overrides=[*overrides, *extra], tracking_uri=tracking_uri, verbose=False,
-                                run_name=run_name, **grid))
+    def points(overrides: list[str], grid: dict[str, list[Any]] | None = None) -> list[dict[str, Any]]:
+        reports.append(
+            evaluate(
+                checkpoint,
+                grid=grid,
+                overrides=[*overrides, *extra],
+                tracking_uri=tracking_uri,
+                verbose=False,
+                run_name=run_name,
+            )
+        )
         return reports[-1]["points"]
 
+    def grid_field(axis) -> str | None:
+        field = axis.field.removeprefix("sample.")
+        return field if axis.field.startswith("sample.") and field in GRID else None
+
     sampling = plan.of_kind("sampling")
-    if not any(get_axis(name).field in GRID_ARGS for name in sampling):
+    if not any(grid_field(get_axis(name)) for name in sampling):
         results.update({f"eval/{k}": v for k, v in points(reference)[0]["metrics"].items()})
     for name, arms in sampling.items():
         axis = get_axis(name)
-        if axis.field in GRID_ARGS:  # each such grid holds the reference point: scored again, with the same noise
-            arg, kind = GRID_ARGS[axis.field]
-            for arm, point in zip(arms, points(reference, **{arg: [kind(a) for a in arms]})):
+        if field := grid_field(axis):  # each such grid holds the reference point: scored again, with the same noise
+            for arm, point in zip(arms, points(reference, {field: [GRID[field].parse(a) for a in arms]})):
                 record(name, arm, point["metrics"])
         else:
             for arm in arms:
@@ -97,8 +119,9 @@ def evaluate_arms(plan: SweepPlan, checkpoint: str, tracking_uri: str, run_name:
     return results, reports[-1]
 
 
-def log_trial_results(uri: str, experiment: str, run_name: str, run_dir: Path, results: dict[str, float],
-                      evaluated: dict[str, Any]) -> None:
+def log_trial_results(
+    uri: str, experiment: str, run_name: str, run_dir: Path, results: dict[str, float], evaluated: dict[str, Any]
+) -> None:
     """The eval metrics on the trial's own run too (at the checkpoint's step, tagged with the CLIP that
     scored), so comparing trial runs in the MLflow UI shows their eval results side by side."""
     tracker = Tracker(uri, experiment, run_name, backlog=run_dir / "tracking_backlog.jsonl")
@@ -112,24 +135,40 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     sweep = config["sweep"]
-    if Path(sweep["cwd"]).is_dir():  # Tune starts a trial in its own directory; config paths are relative to the sweep's
+    if Path(
+        sweep["cwd"]
+    ).is_dir():  # Tune starts a trial in its own directory; config paths are relative to the sweep's
         os.chdir(sweep["cwd"])
     plan, trial = SweepPlan(**sweep["plan"]), trial_of(config["trial"])
     cfg = trial_config(plan, sweep["name"], trial)
-    tags = {"mlflow.parentRunId": sweep["parent_run_id"], "sweep": sweep["name"], "trial": trial.name,
-            **{f"arm.{axis}": arm for axis, arm in trial.arms}}
-    summary = fit(cfg, tracking_uri=sweep["tracking_uri"], tags=tags, faults=Faults(**sweep["faults"].get(trial.name, {})))
+    tags = {
+        "mlflow.parentRunId": sweep["parent_run_id"],
+        "sweep": sweep["name"],
+        "trial": trial.name,
+        **{f"arm.{axis}": arm for axis, arm in trial.arms},
+    }
+    summary = fit(
+        cfg, tracking_uri=sweep["tracking_uri"], tags=tags, faults=Faults(**sweep["faults"].get(trial.name, {}))
+    )
     if summary.get("status") != "FINISHED" or not summary.get("checkpoint"):
         raise RuntimeError(f"trial {trial.name}: training ended {summary.get('status')} without a checkpoint")
     # Ray starts this 0-CPU process with OMP_NUM_THREADS=1; the CPUs its training held are free for evaluation now
     torch.set_num_threads(cfg.train.num_workers * cfg.train.cpus_per_worker)
     results, evaluated = evaluate_arms(plan, summary["checkpoint"], sweep["tracking_uri"])
-    log_trial_results(sweep["tracking_uri"], cfg.name, cfg.run_name(), Path(summary["grid"]).parent.parent, results, evaluated)
+    log_trial_results(
+        sweep["tracking_uri"], cfg.name, cfg.run_name(), Path(summary["grid"]).parent.parent, results, evaluated
+    )
     tune.report({"trial": trial.name, "val_loss": summary["val_loss"], **results})
 
 
-def run(plan: SweepPlan, *, tracking_uri: str | None = None, address: str | None = None,
-        storage: str = STORAGE, faults: dict[str, Faults] | None = None) -> dict[str, Any]:
+def run(
+    plan: SweepPlan,
+    *,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    storage: str = STORAGE,
+    faults: dict[str, Faults] | None = None,
+) -> dict[str, Any]:
     """Run or continue the sweep; returns its name, MLflow parent run id and per-trial outcome.
     `faults`: fault drills by trial name (train's one-shot drills: a rerun of the sweep runs clean)."""
     import ray
@@ -141,10 +180,22 @@ def run(plan: SweepPlan, *, tracking_uri: str | None = None, address: str | None
     prepare_inputs(base)  # shards, autoencoder, CLIP and latent cache, made or reused: training arms share them
     for trial in trials:  # a bad arm or missing data is refused before anything starts
         check_inputs(trial_config(plan, name, trial))
-    parent = Tracker(uri, name, name, backlog=Path(storage) / name / "tracking_backlog.jsonl",
-                     tags={"sweep": name, "preset": plan.name, "axes": ",".join(plan.axes), "seeds": str(plan.seeds)})
-    parent.log_params({"sweep.axes": json.dumps(plan.axes), "sweep.seeds": plan.seeds, "sweep.combine": plan.combine,
-                       "sweep.config": plan.config, "sweep.overrides": json.dumps(plan.overrides)})
+    parent = Tracker(
+        uri,
+        name,
+        name,
+        backlog=Path(storage) / name / "tracking_backlog.jsonl",
+        tags={"sweep": name, "preset": plan.name, "axes": ",".join(plan.axes), "seeds": str(plan.seeds)},
+    )
+    parent.log_params(
+        {
+            "sweep.axes": json.dumps(plan.axes),
+            "sweep.seeds": plan.seeds,
+            "sweep.combine": plan.combine,
+            "sweep.config": plan.config,
+            "sweep.overrides": json.dumps(plan.overrides),
+        }
+    )
     if not parent.wait_ready(30):
         parent.close()
         raise SystemExit(f"error: MLflow at {uri} does not answer; a sweep needs its parent run before trials start")
@@ -153,9 +204,17 @@ def run(plan: SweepPlan, *, tracking_uri: str | None = None, address: str | None
     start_ray(address)
     per_trial = base.train.num_workers * base.train.cpus_per_worker
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
-    space = {"sweep": {"plan": dict(plan.__dict__), "name": name, "parent_run_id": parent_id, "tracking_uri": uri,
-                       "cwd": os.getcwd(), "faults": {k: asdict(v) for k, v in (faults or {}).items()}},
-             "trial": tune.grid_search([{"arms": t.arms, "seed": t.seed} for t in trials])}
+    space = {
+        "sweep": {
+            "plan": dict(plan.__dict__),
+            "name": name,
+            "parent_run_id": parent_id,
+            "tracking_uri": uri,
+            "cwd": os.getcwd(),
+            "faults": {k: asdict(v) for k, v in (faults or {}).items()},
+        },
+        "trial": tune.grid_search([{"arms": t.arms, "seed": t.seed} for t in trials]),
+    }
     # The trial process only waits on Ray Train, then evaluates: the training workers hold the CPUs. Ray
     # refuses an empty request, so the trial asks for a token of memory instead of a CPU.
     trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": 2**20})
@@ -164,12 +223,17 @@ def run(plan: SweepPlan, *, tracking_uri: str | None = None, address: str | None
         print(f"continuing sweep {name}: finished trials are kept, unfinished and failed ones run again")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True)
     else:
-        tuner = tune.Tuner(trainable, param_space=space,
-                           tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-                           run_config=tune.RunConfig(name=name, storage_path=str(Path(storage).resolve())))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=str(Path(storage).resolve())),
+        )
     grid = tuner.fit()
-    outcome = {trial_of(r.config["trial"]).name: f"FAILED: {str(r.error).splitlines()[0]}" if r.error else "FINISHED"
-               for r in grid}
+    outcome = {
+        trial_of(r.config["trial"]).name: f"FAILED: {str(r.error).splitlines()[0]}" if r.error else "FINISHED"
+        for r in grid
+    }
     failed = sum(v != "FINISHED" for v in outcome.values())
     parent.set_tags({"trials_failed": str(failed), "trials": str(len(outcome))})
     parent.set_status("FAILED" if failed == len(outcome) else "FINISHED", f"{failed} trials failed" if failed else None)
@@ -188,9 +252,14 @@ def reevaluate(name: str, tracking_uri: str | None = None, overrides: tuple[str,
     client = MlflowClient(uri)
     experiment, parent = sweep_parent(client, name, uri)
     params = parent.data.params
-    plan = SweepPlan(name=name, config=params["sweep.config"], axes=json.loads(params["sweep.axes"]),
-                     seeds=int(params["sweep.seeds"]), overrides=tuple(json.loads(params["sweep.overrides"])),
-                     combine=params["sweep.combine"])
+    plan = SweepPlan(
+        name=name,
+        config=params["sweep.config"],
+        axes=json.loads(params["sweep.axes"]),
+        seeds=int(params["sweep.seeds"]),
+        overrides=tuple(json.loads(params["sweep.overrides"])),
+        combine=params["sweep.combine"],
+    )
     trials = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     outcome = {}
     for i, trial in enumerate(trials, 1):
@@ -205,7 +274,9 @@ def reevaluate(name: str, tracking_uri: str | None = None, overrides: tuple[str,
         print(f"[{i}/{len(trials)}] re-evaluating {label} from {run_dir}", flush=True)
         try:
             if "://" in storage or not storage:
-                raise FileNotFoundError(f"its checkpoints are not in a local directory (train.storage_path={storage!r})")
+                raise FileNotFoundError(
+                    f"its checkpoints are not in a local directory (train.storage_path={storage!r})"
+                )
             results, evaluated = evaluate_arms(plan, str(resolve_checkpoint(run_dir)), uri, run_name, overrides)
         except Exception as exc:  # noqa: BLE001 - one trial's failure is reported, the others go on
             outcome[run_name] = f"FAILED: {type(exc).__name__}: {exc}"
@@ -214,19 +285,32 @@ def reevaluate(name: str, tracking_uri: str | None = None, overrides: tuple[str,
         log_trial_results(uri, name, run_name, run_dir, results, evaluated)
         outcome[run_name] = "FINISHED"
     done = sum(v == "FINISHED" for v in outcome.values())
-    print(f"re-evaluated {done} of {len(outcome)} trials" + "".join(f"; {k}: {v}" for k, v in outcome.items() if v != "FINISHED"))
-    return {"sweep": name, "trials": outcome, "failed": sum(v.startswith("FAILED") for v in outcome.values()),
-            "skipped": sum(v.startswith("SKIPPED") for v in outcome.values())}
+    print(
+        f"re-evaluated {done} of {len(outcome)} trials"
+        + "".join(f"; {k}: {v}" for k, v in outcome.items() if v != "FINISHED")
+    )
+    return {
+        "sweep": name,
+        "trials": outcome,
+        "failed": sum(v.startswith("FAILED") for v in outcome.values()),
+        "skipped": sum(v.startswith("SKIPPED") for v in outcome.values()),
+    }
 
 
 def plan_from_args(args: argparse.Namespace) -> SweepPlan:
     if args.preset:
         plan = load_preset(args.preset)
-        return SweepPlan(**{**plan.__dict__, "overrides": (*plan.overrides, *args.overrides),
-                            "seeds": args.seeds or plan.seeds})
+        return SweepPlan(
+            **{**plan.__dict__, "overrides": (*plan.overrides, *args.overrides), "seeds": args.seeds or plan.seeds}
+        )
     axes = {name: get_axis(name).arms for name in args.axes.split(",")}
-    return SweepPlan(name="_".join(axes), config=str(Path(args.config).resolve()), axes=axes, seeds=args.seeds or 1,
-                     overrides=tuple(args.overrides))
+    return SweepPlan(
+        name="_".join(axes),
+        config=str(Path(args.config).resolve()),
+        axes=axes,
+        seeds=args.seeds or 1,
+        overrides=tuple(args.overrides),
+    )
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -234,11 +318,15 @@ def main(argv=None) -> dict[str, Any]:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", help="a preset in ablations/presets (critical_details, sd3_timesteps, architecture)")
     which.add_argument("--axes", help=f"comma-separated axes, all arms each: {', '.join(AXES)}")
-    which.add_argument("--reevaluate", metavar="NAME", help="evaluate an existing sweep's checkpoints again (no training)")
-    parser.add_argument("--config", default=str(PROJECT_ROOT / "experiments/configs/demo.yaml"), help="base config (with --axes)")
+    which.add_argument(
+        "--reevaluate", metavar="NAME", help="evaluate an existing sweep's checkpoints again (no training)"
+    )
+    parser.add_argument(
+        "--config", default=str(PROJECT_ROOT / "experiments/configs/demo.yaml"), help="base config (with --axes)"
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's, else 1)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--tracking-uri", default=None)
+    add_overrides(parser, "override a field of every trial's config")
+    add_tracking_uri(parser)
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     args = parser.parse_args(argv)
     if args.reevaluate:

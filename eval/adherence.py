@@ -25,8 +25,16 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from mmdit_core.data.scenes import (PALETTE, PLAIN_BACKGROUND, SHAPES, SIZES, SUPERSAMPLE, Scene, SceneObject,
-                                    draw_object)
+from mmdit_core.data.scenes import (
+    PALETTE,
+    PLAIN_BACKGROUND,
+    SHAPES,
+    SIZES,
+    SUPERSAMPLE,
+    Scene,
+    SceneObject,
+    draw_object,
+)
 
 COLOURS = tuple(PALETTE)
 BACKGROUND = len(COLOURS)  # label of the background in a label map
@@ -54,6 +62,7 @@ MIN_CELL_SHARE = 0.5  # share of a colour's pixels that must lie in the object's
 
 # ---- pixels -------------------------------------------------------------------------------------
 
+
 def to_pixels(image) -> np.ndarray:
     """A (3, H, W) float tensor/array in [-1, 1] or an (H, W, 3) uint8 array -> (H, W, 3) float32 in 0..255."""
     if isinstance(image, torch.Tensor):
@@ -80,6 +89,7 @@ def cell_slices(row: int, col: int, size: int) -> tuple[slice, slice]:
 
 
 # ---- shape templates ----------------------------------------------------------------------------
+
 
 def template(shape: str, size: str, cx: float, cy: float, px: int) -> np.ndarray:
     """Binary mask (px × px) of `shape` drawn as the renderer draws it, centred at (cx, cy) in [0, 1]."""
@@ -142,6 +152,7 @@ def best_shape(mask: np.ndarray) -> str:
 
 # ---- judging ------------------------------------------------------------------------------------
 
+
 @dataclass
 class ObjectVerdict:
     colour: bool
@@ -171,7 +182,7 @@ def judge_object(labels: np.ndarray, obj: SceneObject, others: tuple[SceneObject
     MIN_CELL_SHARE of them all.
     """
     px = labels.shape[0]
-    min_pixels = max(2, round(MIN_PIXELS * px * px / 32 ** 2))
+    min_pixels = max(2, round(MIN_PIXELS * px * px / 32**2))
     colour_mask = labels == COLOURS.index(obj.colour)
     for other in others:
         if other.colour == obj.colour:
@@ -208,9 +219,11 @@ class Adherence:
     verdicts: list[list[ObjectVerdict]] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
-        return (f"colour {100 * self.colour:.1f}%  position {100 * self.position:.1f}%  shape {100 * self.shape:.1f}%  "
-                f"whole caption {100 * self.whole:.1f}% (with shape {100 * self.whole_shape:.1f}%)  "
-                f"[{self.objects} objects, {self.images} images]")
+        return (
+            f"colour {100 * self.colour:.1f}%  position {100 * self.position:.1f}%  shape {100 * self.shape:.1f}%  "
+            f"whole caption {100 * self.whole:.1f}% (with shape {100 * self.whole_shape:.1f}%)  "
+            f"[{self.objects} objects, {self.images} images]"
+        )
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "verdicts"}
@@ -224,17 +237,12 @@ def score_batch(images, scenes: list[Scene]) -> Adherence:
     flat = [v for per_image in verdicts for v in per_image]
     mean = lambda values: float(np.mean(values)) if len(values) else 0.0  # noqa: E731
     return Adherence(
-        colour=mean([v.colour for v in flat]), position=mean([v.position for v in flat]),
+        colour=mean([v.colour for v in flat]),
+        position=mean([v.position for v in flat]),
         shape=mean([v.shape for v in flat]),
         whole=mean([all(v.colour and v.position for v in vs) for vs in verdicts]),
         whole_shape=mean([all(v.colour and v.position and v.shape for v in vs) for vs in verdicts]),
-        objects=len(flat), images=len(verdicts), verdicts=verdicts)
-
-
-def shuffled(scenes: list[Scene], seed: int = 0) -> list[Scene]:
-    """The scenes in a random derangement: each image is judged against another image's caption."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(scenes))
-    while np.any(order == np.arange(len(scenes))):
-        order = rng.permutation(len(scenes))
-    return [scenes[i] for i in order]
+        objects=len(flat),
+        images=len(verdicts),
+        verdicts=verdicts,
+    )

@@ -70,8 +70,11 @@ class TruncatingProcessor:
             too_long = sum(len(ids) > self.context for ids in self.processor.tokenizer(text)["input_ids"])
             if too_long:
                 self.truncated += too_long
-                warnings.warn(f"CLIP score: {too_long} of {len(text)} captions exceed the model's {self.context} "
-                              "tokens and are truncated", stacklevel=2)
+                warnings.warn(
+                    f"CLIP score: {too_long} of {len(text)} captions exceed the model's {self.context} "
+                    "tokens and are truncated",
+                    stacklevel=2,
+                )
             kwargs.update(truncation=True, max_length=self.context)
         return self.processor(text=text, images=images, **kwargs)
 
@@ -93,12 +96,13 @@ class ClipScorer:
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
         self.metric.reset()
         for start in range(0, len(captions), batch_size):
-            self.metric.update(images[start:start + batch_size].to(self.device), captions[start:start + batch_size])
+            self.metric.update(images[start : start + batch_size].to(self.device), captions[start : start + batch_size])
         return float(self.metric.compute())
 
     def embed_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Unit-length projected features (N, D) of uint8 images (N, 3, H, W), prepared by the processor
         torchmetrics uses: 100 × the dot product with a caption's features is their cosine score."""
+
         def features(rows: slice) -> torch.Tensor:
             pixels = self.processor(images=list(images[rows]), return_tensors="pt")["pixel_values"]
             return self.model.get_image_features(pixels.to(self.device))
@@ -107,9 +111,12 @@ class ClipScorer:
 
     def embed_captions(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
         """Unit-length projected features (N, D) of captions (truncated to the context, as in scoring)."""
+
         def features(rows: slice) -> torch.Tensor:
             text = self.processor(text=captions[rows], return_tensors="pt", padding=True)
-            return self.model.get_text_features(text["input_ids"].to(self.device), text["attention_mask"].to(self.device))
+            return self.model.get_text_features(
+                text["input_ids"].to(self.device), text["attention_mask"].to(self.device)
+            )
 
         return self._embed(len(captions), batch_size, features)
 
@@ -119,8 +126,9 @@ class ClipScorer:
         return F.normalize(torch.cat(chunks).float(), dim=-1).cpu()
 
 
-def load_clip_score(name: str | None, device: str | torch.device = "cpu",
-                    data_root: str | Path | None = None) -> tuple[ClipScorer | None, str | None]:
+def load_clip_score(
+    name: str | None, device: str | torch.device = "cpu", data_root: str | Path | None = None
+) -> tuple[ClipScorer | None, str | None]:
     """(scorer, None), or (None, a one-line notice) when no CLIP is configured or none can be loaded here.
     `trained` needs `data_root`: the dataset whose CLIP it is."""
     if name is None:
@@ -135,8 +143,10 @@ def load_clip_score(name: str | None, device: str | torch.device = "cpu",
         clip, processor = CLIPModel.from_pretrained(name), CLIPProcessor.from_pretrained(name)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0][:160]
-        return None, (f"CLIP score skipped: no CLIP at {name!r} on this machine ({reason}); "
-                      "set eval.clip_model to a local CLIP directory")
+        return None, (
+            f"CLIP score skipped: no CLIP at {name!r} on this machine ({reason}); "
+            "set eval.clip_model to a local CLIP directory"
+        )
     return ClipScorer(clip, processor, device, label), None
 
 
@@ -150,6 +160,8 @@ def trained_clip(data_root: str | Path | None) -> tuple[Path | None, str]:
     if summary is None:
         return None, f"CLIP score skipped: no CLIP trained on {data_root} yet at {path} ({train})"
     if summary["made_from"]["dataset"] != dataset:
-        return None, (f"CLIP score skipped: the CLIP at {path} was trained on other data (dataset "
-                      f"{summary['made_from']['dataset']}, this one is {dataset}); {train}")
+        return None, (
+            f"CLIP score skipped: the CLIP at {path} was trained on other data (dataset "
+            f"{summary['made_from']['dataset']}, this one is {dataset}); {train}"
+        )
     return path, f"CLIP trained here on {data_root} (dataset {dataset}, weights {summary['weights_sha256'][:8]})"

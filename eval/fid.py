@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from cleanfid.fid import get_folder_features, kernel_distance
-from cleanfid.utils import ResizeDataset
 
 from mmdit_core.config import ExperimentConfig
 from mmdit_core.data.shards import dataset_key, raw_png, read_manifest, sample_of_split
@@ -73,12 +72,26 @@ def image_files(directory: str | Path) -> list[str]:
     return files
 
 
-def folder_features(directory: str | Path, inception: Inception, batch_size: int = 64, num_workers: int = 0,
-                    description: str = "Inception features", verbose: bool = True) -> np.ndarray:
+def folder_features(
+    directory: str | Path,
+    inception: Inception,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    description: str = "Inception features",
+    verbose: bool = True,
+) -> np.ndarray:
     """(N, 2048) features of the images in `directory`, read and resized by clean-fid."""
     image_files(directory)  # a clear error for an empty folder
-    return get_folder_features(str(directory), model=inception, num_workers=num_workers, batch_size=batch_size,
-                               device=inception.device, mode=PROTOCOL, description=description, verbose=verbose)
+    return get_folder_features(
+        str(directory),
+        model=inception,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        device=inception.device,
+        mode=PROTOCOL,
+        description=description,
+        verbose=verbose,
+    )
 
 
 @dataclass
@@ -114,7 +127,6 @@ def fid(generated: Statistics, reference: Statistics) -> float:
     return float(diff @ diff + np.trace(generated.sigma) + np.trace(reference.sigma) - 2 * np.sqrt(spectrum).sum())
 
 
-
 def kid(generated: Statistics, reference: Statistics, seed: int = 0) -> float:
     """clean-fid's KID (subsets of up to 1,000) with its subset draws seeded; the global RNG is left as it was."""
     state = np.random.get_state()
@@ -127,13 +139,20 @@ def kid(generated: Statistics, reference: Statistics, seed: int = 0) -> float:
 
 # ---- reference statistics of a dataset split, cached --------------------------------------------
 
+
 def reference_key(cfg: ExperimentConfig, split: str, count: int, inception: Inception) -> dict:
     entry = read_manifest(cfg.data.root)["splits"].get(split)
     if entry is None:
         raise KeyError(f"eval.reference_split={split!r}: {cfg.data.root} has no such split")
-    return {"data": dataset_key({split: entry}), "split": split, "resolution": cfg.data.image_size,
-            "protocol": PROTOCOL, "extractor": inception.checksum, "images": min(count, entry["samples"]),
-            "sample_seed": cfg.data.seed}
+    return {
+        "data": dataset_key({split: entry}),
+        "split": split,
+        "resolution": cfg.data.image_size,
+        "protocol": PROTOCOL,
+        "extractor": inception.checksum,
+        "images": min(count, entry["samples"]),
+        "sample_seed": cfg.data.seed,
+    }
 
 
 def write_split_images(root: str | Path, split: str, count: int, seed: int, directory: Path) -> int:
@@ -145,8 +164,13 @@ def write_split_images(root: str | Path, split: str, count: int, seed: int, dire
     return len(samples)
 
 
-def reference_statistics(cfg: ExperimentConfig, inception: Inception, count: int | None = None,
-                         verbose: bool = True, split: str | None = None) -> tuple[Statistics, dict]:
+def reference_statistics(
+    cfg: ExperimentConfig,
+    inception: Inception,
+    count: int | None = None,
+    verbose: bool = True,
+    split: str | None = None,
+) -> tuple[Statistics, dict]:
     """Features of a seeded sample of `count` (default eval.num_samples) images of `split` (default
     eval.reference_split), from the cache when its key matches; returns them and the key (with `cached`)."""
     key = reference_key(cfg, split or cfg.eval.reference_split, count or cfg.eval.num_samples, inception)
@@ -159,27 +183,15 @@ def reference_statistics(cfg: ExperimentConfig, inception: Inception, count: int
     with tempfile.TemporaryDirectory() as tmp:
         written = write_split_images(cfg.data.root, key["split"], key["images"], key["sample_seed"], Path(tmp))
         if written != key["images"]:
-            raise RuntimeError(f"{cfg.data.root} split {key['split']!r} yielded {written} images, its manifest promises {key['images']}")
-        features = folder_features(tmp, inception, cfg.eval.batch_size, cfg.eval.num_workers,
-                                   f"reference features ({key['split']})", verbose)
+            raise RuntimeError(
+                f"{cfg.data.root} split {key['split']!r} yielded {written} images, "
+                f"its manifest promises {key['images']}"
+            )
+        features = folder_features(
+            tmp, inception, cfg.eval.batch_size, cfg.eval.num_workers, f"reference features ({key['split']})", verbose
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")
     np.savez(partial, features=features, key=json.dumps(key))
     os.replace(partial, path)  # a crash never leaves a half-written entry under the real name
     return Statistics(features), {**key, "cached": False, "file": str(path)}
-
-
-# ---- cross-check --------------------------------------------------------------------------------
-
-def torchmetrics_fid(reference_dir: str | Path, generated_dir: str | Path, inception: Inception,
-                     batch_size: int = 64) -> float:
-    """The same FID through torchmetrics' FrechetInceptionDistance: the same clean-fid inputs and network,
-    torchmetrics' own statistics and matrix square root (an independent check of the numbers above)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    metric = FrechetInceptionDistance(feature=inception, normalize=False)
-    for directory, real in ((reference_dir, True), (generated_dir, False)):
-        loader = torch.utils.data.DataLoader(ResizeDataset(image_files(directory), mode=PROTOCOL), batch_size=batch_size)
-        for batch in loader:
-            metric.update(batch, real=real)
-    return float(metric.compute())

@@ -34,13 +34,22 @@ def build(cfg) -> dict:
     if not cfg.data.latent_cache:
         raise SystemExit("error: set data.latent_cache to the directory the cache should go to")
     counts = SkipCounts()
-    loader = make_loader(split_shards(cfg.data.root, "train"), 64, num_workers=cfg.data.num_workers, counts=counts,
-                         image_size=cfg.data.image_size)
+    loader = make_loader(
+        split_shards(cfg.data.root, "train"),
+        64,
+        num_workers=cfg.data.num_workers,
+        counts=counts,
+        image_size=cfg.data.image_size,
+    )
     total = read_manifest(cfg.data.root)["splits"]["train"]["samples"]
     batches = tqdm(loader, total=-(-total // 64), desc="encoding", unit="batch")
-    manifest = write_latent_cache(cfg, cfg.data.latent_cache, batches, Autoencoder.load(cfg.autoencoder), TextEncoder(cfg.text))
-    print(f"latent cache {cfg.data.latent_cache}: {manifest['splits']['train']['samples']} samples, "
-          f"key {manifest['source']['cache_key']}; {counts.report()}")
+    manifest = write_latent_cache(
+        cfg, cfg.data.latent_cache, batches, Autoencoder.load(cfg.autoencoder), TextEncoder(cfg.text)
+    )
+    print(
+        f"latent cache {cfg.data.latent_cache}: {manifest['splits']['train']['samples']} samples, "
+        f"key {manifest['source']['cache_key']}; {counts.report()}"
+    )
     return manifest
 
 

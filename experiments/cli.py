@@ -1,4 +1,5 @@
-"""Shared command-line plumbing: --config / --set parsing that refuses a bad config before any work."""
+"""Shared command-line plumbing: --config / --set parsing that refuses a bad config before any work, and
+the --tracking-uri option."""
 
 from __future__ import annotations
 
@@ -7,11 +8,24 @@ import argparse
 from mmdit_core.config import ConfigError, ExperimentConfig, load_config
 
 
+def add_overrides(
+    parser: argparse.ArgumentParser, help: str = "override one field, e.g. --set model.pos_emb=none"
+) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=f"{help} (repeatable)"
+    )
+
+
+def add_tracking_uri(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)"
+    )
+
+
 def config_parser(doc: str, default_config: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=default_config, help="YAML config (defaults apply where omitted)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one field, e.g. --set model.pos_emb=none (repeatable)")
+    add_overrides(parser)
     return parser
 
 

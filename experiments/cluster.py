@@ -24,8 +24,12 @@ import urllib.request
 from pathlib import Path
 
 STATE = Path("outputs/ray-cluster/head.json")
-CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+CLUSTER_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "HF_HUB_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+}
 
 
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
@@ -49,7 +53,9 @@ def start_ray(address: str | None, **local) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False, runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner}, **local)
+        ray.init(
+            include_dashboard=False, runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner}, **local
+        )
 
 
 def job_server_up(address: str) -> bool:
@@ -72,8 +78,17 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
-def up(*, num_cpus: int, port: int = 6379, dashboard_port: int = 8265, client_port: int = 10001,
-       agent_port: int = 52365, temp_dir: str = "/tmp/ray-mmdit", state: Path = STATE, timeout: float = 120.0) -> dict:
+def up(
+    *,
+    num_cpus: int,
+    port: int = 6379,
+    dashboard_port: int = 8265,
+    client_port: int = 10001,
+    agent_port: int = 52365,
+    temp_dir: str = "/tmp/ray-mmdit",
+    state: Path = STATE,
+    timeout: float = 120.0,
+) -> dict:
     """Start the head node; return {"pid", "address" (job server URL), "log"}."""
     info = json.loads(state.read_text()) if state.exists() else None
     if info is not None and group_alive(info["pid"]):
@@ -83,10 +98,20 @@ def up(*, num_cpus: int, port: int = 6379, dashboard_port: int = 8265, client_po
     log = state.with_name("head.log")
     bin_dir = str(Path(sys.executable).parent)  # the project's environment: `ray`, and `python` for job entrypoints
     env = {**os.environ, **CLUSTER_ENV, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
-    command = [f"{bin_dir}/ray", "start", "--head", "--block", f"--num-cpus={num_cpus}", f"--port={port}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}",
-               f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats",
-               f"--temp-dir={temp_dir}"]
+    command = [
+        f"{bin_dir}/ray",
+        "start",
+        "--head",
+        "--block",
+        f"--num-cpus={num_cpus}",
+        f"--port={port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--ray-client-server-port={client_port}",
+        f"--dashboard-agent-listen-port={agent_port}",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+    ]
     with open(log, "w") as out:
         head = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     info = {"pid": head.pid, "address": f"http://127.0.0.1:{dashboard_port}", "log": str(log)}

@@ -16,11 +16,10 @@ import json
 import time
 from pathlib import Path
 
-from eval import evaluate
 from eval.clip_validation import describe as describe_clip
 from mmdit_core.config import TRAINED_CLIP
 
-from . import cache_latents, prepare_data, train, train_autoencoder, train_clip
+from . import cache_latents, evaluate, prepare_data, train, train_autoencoder, train_clip
 from .cli import config_parser, resolve_config
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
@@ -31,7 +30,11 @@ def prepare_inputs(cfg, stage=lambda name, run: run()) -> tuple[dict | None, dic
     trained CLIP (their summaries, or None where the config uses another kind), the latent cache.
     `stage(name, run)` runs each step (the demo times them)."""
     stage("data", lambda: prepare_data.prepare(cfg))
-    ae = stage("autoencoder", lambda: train_autoencoder.reuse_or_train(cfg)) if cfg.autoencoder.kind == "trained" else None
+    ae = (
+        stage("autoencoder", lambda: train_autoencoder.reuse_or_train(cfg))
+        if cfg.autoencoder.kind == "trained"
+        else None
+    )
     clip = stage("CLIP", lambda: train_clip.reuse_or_train(cfg)) if cfg.eval.clip_model == TRAINED_CLIP else None
     if cfg.data.latent_cache:
         stage("latent cache", lambda: cache_latents.reuse_or_build(cfg))
@@ -57,9 +60,17 @@ def main(argv=None) -> dict:
     seconds["total"] = round(time.perf_counter() - started, 1)
     summary["stage_seconds"] = seconds
     if ae is not None:
-        summary["autoencoder"] = {"path": cfg.autoencoder.path, "fidelity": ae["fidelity"], "train_seconds": ae["train_seconds"]}
+        summary["autoencoder"] = {
+            "path": cfg.autoencoder.path,
+            "fidelity": ae["fidelity"],
+            "train_seconds": ae["train_seconds"],
+        }
     if clip is not None:
-        summary["clip"] = {"name": report["clip"], "validation": clip["validation"], "train_seconds": clip["train_seconds"]}
+        summary["clip"] = {
+            "name": report["clip"],
+            "validation": clip["validation"],
+            "train_seconds": clip["train_seconds"],
+        }
     run_dir = Path(summary["grid"]).parent.parent
     (run_dir / "demo.json").write_text(json.dumps(summary, indent=2))
 
@@ -71,17 +82,25 @@ def main(argv=None) -> dict:
         print(f"autoencoder ({cfg.autoencoder.path}): {train_autoencoder.describe(ae)}")
     if clip is not None:
         print(f"CLIP ({train_clip.trained_clip_dir(cfg.data.root)}): {describe_clip(clip['validation'])}")
-    print(f"val loss {summary['val_loss']:.4f}   train loss (last {cfg.train.log_every} steps) "
-          f"{summary['train_loss_last']:.4f}   stages (s): {json.dumps(seconds)}")
+    print(
+        f"val loss {summary['val_loss']:.4f}   train loss (last {cfg.train.log_every} steps) "
+        f"{summary['train_loss_last']:.4f}   stages (s): {json.dumps(seconds)}"
+    )
     m = summary["eval"]
-    line = (f"eval on {int(m['num_samples'])} samples for held-out captions: FID {m['fid']:.1f}  KID {m['kid']:.4f}  adherence: "
-            f"colour {100 * m['adherence_colour']:.0f}%  position {100 * m['adherence_position']:.0f}%  "
-            f"shape {100 * m['adherence_shape']:.0f}%  whole caption with shape {100 * m['adherence_whole_shape']:.0f}%")
+    line = (
+        f"eval on {int(m['num_samples'])} samples for held-out captions: FID {m['fid']:.1f}  KID {m['kid']:.4f}  "
+        "adherence: "
+        f"colour {100 * m['adherence_colour']:.0f}%  position {100 * m['adherence_position']:.0f}%  "
+        f"shape {100 * m['adherence_shape']:.0f}%  whole caption with shape {100 * m['adherence_whole_shape']:.0f}%"
+    )
     if "clip_score" in m:
         line += f"  CLIP score {m['clip_score']:.1f}"
         if clip is not None:
             real = clip["validation"]["own_vs_shuffled"]
-            line += f" (real held-out images: {real['own']:.1f} with their captions, {real['shuffled']:.1f} with shuffled ones)"
+            line += (
+                f" (real held-out images: {real['own']:.1f} with their captions, "
+                f"{real['shuffled']:.1f} with shuffled ones)"
+            )
     print(f"{line}  ({summary['eval']['report']})")
     print(f"MLflow run {summary['mlflow_run_id']} ({summary['status']}): `make ui`, then http://127.0.0.1:5000")
     return summary

@@ -33,11 +33,18 @@ def prepare(cfg, force: bool = False) -> dict:
     imported = read_source(data)
 
     def encoded(name: str, limit: int):  # a generator: its progress bar starts when writing reaches it
-        for key, image, caption, attributes in tqdm(imported.splits[name], total=limit, desc=f"{name} samples", unit="img"):
+        for key, image, caption, attributes in tqdm(
+            imported.splits[name], total=limit, desc=f"{name} samples", unit="img"
+        ):
             yield encode_sample(key, image, caption, attributes)
 
-    manifest = write_dataset(root, {"train": encoded("train", data.num_train), "val": encoded("val", data.num_val)},
-                             data.samples_per_shard, source, imported.summary)
+    manifest = write_dataset(
+        root,
+        {"train": encoded("train", data.num_train), "val": encoded("val", data.num_val)},
+        data.samples_per_shard,
+        source,
+        imported.summary,
+    )
     counts = {name: entry["samples"] for name, entry in manifest["splits"].items()}
     offered = f" of {manifest['available']} available (a seeded random subset)" if "available" in manifest else ""
     print(f"wrote {root}: {json.dumps(counts)} samples{offered}, key {manifest['key']}; {imported.skipped.report()}")

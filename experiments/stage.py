@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from mmdit_core.config import ExperimentConfig
+from mmdit_core.data.shards import SkipCounts, make_loader, split_shards
 from mmdit_core.files import atomic_directory, sha256_file, verified_summary
 
 from .bench import cpu_name
-from .cli import config_parser, resolve_config
+from .cli import add_tracking_uri, config_parser, resolve_config
 from .tracking import Tracker, default_uri, git_commit
 
 Trains = Callable[[ExperimentConfig, "str | None"], dict[str, Any]]  # (config, tracking URI) -> summary
@@ -53,14 +54,23 @@ class Stage:
         return f"{self.experiment}-" + hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:8]
 
     @contextmanager
-    def tracked(self, made: dict[str, Any], out: Path, params: dict[str, Any], tracking_uri: str | None,
-                cfg: ExperimentConfig) -> Iterator[Tracker]:
+    def tracked(
+        self, made: dict[str, Any], out: Path, params: dict[str, Any], tracking_uri: str | None, cfg: ExperimentConfig
+    ) -> Iterator[Tracker]:
         """A RUNNING MLflow run of this training; FINISHED if the block returns, else FAILED with the error.
         Where the data lies is a tag, not a param: the same data elsewhere re-attaches the same run."""
-        tracker = Tracker(tracking_uri or default_uri(), self.experiment, self.run_key(made),
-                          backlog=out.parent / f"{out.name}.tracking_backlog.jsonl",
-                          tags={"git_commit": git_commit(), "config": cfg.name, "dataset": made["dataset"],
-                                "data.root": cfg.data.root})
+        tracker = Tracker(
+            tracking_uri or default_uri(),
+            self.experiment,
+            self.run_key(made),
+            backlog=out.parent / f"{out.name}.tracking_backlog.jsonl",
+            tags={
+                "git_commit": git_commit(),
+                "config": cfg.name,
+                "dataset": made["dataset"],
+                "data.root": cfg.data.root,
+            },
+        )
         tracker.set_status("RUNNING")
         tracker.log_params(params)
         status, error = "FAILED", None
@@ -91,8 +101,13 @@ class Stage:
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, out / "summary.json")
 
-    def reuse_or_train(self, made: dict[str, Any], path: Path, train: Callable[[], dict[str, Any]],
-                       describe: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    def reuse_or_train(
+        self,
+        made: dict[str, Any],
+        path: Path,
+        train: Callable[[], dict[str, Any]],
+        describe: Callable[[dict[str, Any]], str],
+    ) -> dict[str, Any]:
         """The summary of the one made from `made`: at `path`, else a shipped one copied there, else `train()`."""
         summary = self.reuse(made, path)
         if summary is None:
@@ -100,16 +115,27 @@ class Stage:
         print(f"reusing the {self.label} at {path}: {describe(summary)}")
         return summary
 
-    def main(self, doc: str, argv: list[str] | None, train_and_save: Trains, reuse_or_train: Trains,
-             saved: Callable[[ExperimentConfig, dict[str, Any]], str], revalidate: Trains | None = None) -> dict[str, Any]:
+    def main(
+        self,
+        doc: str,
+        argv: list[str] | None,
+        train_and_save: Trains,
+        reuse_or_train: Trains,
+        saved: Callable[[ExperimentConfig, dict[str, Any]], str],
+        revalidate: Trains | None = None,
+    ) -> dict[str, Any]:
         """The stage's command: --config/--set, --tracking-uri, --reuse (and --revalidate where the stage
         has it); prints the summary and `saved`."""
         parser = config_parser(doc)
-        parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
+        add_tracking_uri(parser)
         mode = parser.add_mutually_exclusive_group()
-        mode.add_argument("--reuse", action="store_true", help=f"keep the {self.label} made from these settings and data")
+        mode.add_argument(
+            "--reuse", action="store_true", help=f"keep the {self.label} made from these settings and data"
+        )
         if revalidate is not None:
-            mode.add_argument("--revalidate", action="store_true", help=f"measure the saved {self.label} again, no training")
+            mode.add_argument(
+                "--revalidate", action="store_true", help=f"measure the saved {self.label} again, no training"
+            )
         args = parser.parse_args(argv)
         cfg = resolve_config(args)
         run = revalidate if getattr(args, "revalidate", False) else reuse_or_train if args.reuse else train_and_save
@@ -128,6 +154,23 @@ class Stage:
             if directory != path:
                 with atomic_directory(path) as tmp:
                     shutil.copytree(directory, tmp, dirs_exist_ok=True)
-                print(f"copied the shipped {self.label} {directory} to {path} (made from these settings and data {made['dataset']})")
+                print(
+                    f"copied the shipped {self.label} {directory} to {path} "
+                    f"(made from these settings and data {made['dataset']})"
+                )
             return summary
         return None
+
+
+def train_images(cfg: ExperimentConfig, batch_size: int, counts: SkipCounts):
+    """What a stage trains on: endless batches of the train split's images, shuffled, seeded by data.seed."""
+    return make_loader(
+        split_shards(cfg.data.root, "train"),
+        batch_size,
+        num_workers=cfg.data.num_workers,
+        image_size=cfg.data.image_size,
+        resampled=True,
+        shuffle=cfg.data.shuffle_buffer,
+        seed=cfg.data.seed,
+        counts=counts,
+    )

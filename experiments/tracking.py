@@ -4,7 +4,9 @@ Every call is queued and delivered by a background thread, in order, with retrie
 training loop never waits on the tracking server. One MLflow run per training run: the run is found
 by its deterministic name (tag `mmdit.run_key`) and re-attached on resume, or created once. What
 could not be delivered by `close()` is written to a JSON-lines backlog next to the run's outputs
-and counted in the summary, together with what arrived late (after at least one failed attempt).
+and counted in the summary, together with what arrived late (after at least one failed attempt). A call
+the store refuses outright (a conflicting param, a missing artifact file) goes to the backlog after a
+second try, so it never holds up the calls behind it.
 
 The default store is `sqlite:///<project>/mlruns.db` (MLflow 3 refuses a bare file store);
 MLFLOW_TRACKING_URI overrides it.
@@ -25,9 +27,27 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_KEY_TAG = "mmdit.run_key"
 RETRY_MAX_S = 10.0  # longest pause between delivery attempts
-# MLflow's HTTP client retries for minutes by default; this tracker retries on its own schedule.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+REFUSED_ATTEMPTS = 2  # a call the store refuses is tried this often, then kept in the backlog
+REFUSAL_CODES = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_DOES_NOT_EXIST",
+    "RESOURCE_ALREADY_EXISTS",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+    "PERMISSION_DENIED",
+    "ENDPOINT_NOT_FOUND",
+}
+
+
+def refused(exc: Exception) -> bool:
+    """Whether a failed call can never succeed: the store answered and rejected it (a bad or conflicting
+    value, a missing run), or the call itself is broken (an artifact file that is not there). Anything
+    else (the server unreachable, timing out or failing) may pass later and is retried in order."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code in REFUSAL_CODES
+    return isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, TypeError))
 
 
 def default_uri() -> str:
@@ -80,7 +100,13 @@ class _Call:
 class Tracker:
     """One training run's MLflow run, written from one process (the driver, or rank 0)."""
 
-    def __init__(self, uri: str, experiment: str, run_key: str, *, backlog: str | Path, tags: dict[str, str] | None = None):
+    def __init__(
+        self, uri: str, experiment: str, run_key: str, *, backlog: str | Path, tags: dict[str, str] | None = None
+    ):
+        # MLflow's HTTP client retries for minutes by default; this tracker retries on its own schedule
+        # (read by MLflow at each request; a value the user set is kept).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri, self.experiment, self.run_key = uri, experiment, run_key
         self.backlog, self.tags = Path(backlog), tags or {}
         self.result = Delivery()
@@ -93,10 +119,14 @@ class Tracker:
 
     # ---- what callers use (all non-blocking) ---------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        self._put("params", params={k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in params.items()})
+        self._put(
+            "params", params={k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in params.items()}
+        )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._put("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=step, timestamp=int(time.time() * 1000))
+        self._put(
+            "metrics", metrics={k: float(v) for k, v in metrics.items()}, step=step, timestamp=int(time.time() * 1000)
+        )
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._put("artifact", path=str(path), artifact_path=artifact_path)
@@ -137,6 +167,9 @@ class Tracker:
                 except Exception as exc:  # any client or server error: keep the call and try again later
                     call.failures += 1
                     self.result.first_error = self.result.first_error or f"{type(exc).__name__}: {str(exc)[:200]}"
+                    if refused(exc) and call.failures >= REFUSED_ATTEMPTS:  # it will never go through: set it aside
+                        self._keep([call])
+                        break
                     if self._deadline is not None and time.monotonic() + backoff > self._deadline:
                         self._keep([call, *self._drain()])
                         return
@@ -154,8 +187,12 @@ class Tracker:
         self.backlog.parent.mkdir(parents=True, exist_ok=True)
         with open(self.backlog, "a") as f:
             for call in calls:
-                f.write(json.dumps({"run_key": self.run_key, "method": call.method, "args": call.args,
-                                    "queued_at": call.queued_at}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"run_key": self.run_key, "method": call.method, "args": call.args, "queued_at": call.queued_at}
+                    )
+                    + "\n"
+                )
         self.result.undelivered += len(calls)
         self.result.backlog = str(self.backlog)
 
@@ -166,12 +203,19 @@ class Tracker:
 
             client = MlflowClient(self.uri)
             experiment = client.get_experiment_by_name(self.experiment)
-            experiment_id = (experiment.experiment_id if experiment is not None else
-                             client.create_experiment(self.experiment, artifact_location=artifact_root_for(self.uri)))
+            experiment_id = (
+                experiment.experiment_id
+                if experiment is not None
+                else client.create_experiment(self.experiment, artifact_location=artifact_root_for(self.uri))
+            )
             found = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{self.run_key}'", max_results=1)
-            run_id = (found[0].info.run_id if found else
-                      client.create_run(experiment_id, run_name=self.run_key,
-                                        tags={RUN_KEY_TAG: self.run_key, **self.tags}).info.run_id)
+            run_id = (
+                found[0].info.run_id
+                if found
+                else client.create_run(
+                    experiment_id, run_name=self.run_key, tags={RUN_KEY_TAG: self.run_key, **self.tags}
+                ).info.run_id
+            )
             self._client, self.result.run_id = client, run_id
             self._ready.set()
         return self.result.run_id
@@ -185,7 +229,7 @@ class Tracker:
             existing = client.get_run(run_id).data.params
             new = [Param(k, v) for k, v in a["params"].items() if existing.get(k) != v]
             for start in range(0, len(new), 100):
-                client.log_batch(run_id, params=new[start:start + 100])
+                client.log_batch(run_id, params=new[start : start + 100])
         elif call.method == "metrics":
             client.log_batch(run_id, metrics=[Metric(k, v, a["timestamp"], a["step"]) for k, v in a["metrics"].items()])
         elif call.method == "artifact":

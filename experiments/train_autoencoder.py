@@ -25,20 +25,22 @@ from torchmetrics.image import PeakSignalNoiseRatio
 from tqdm import tqdm
 
 from eval.adherence import score_batch
-from eval.evaluate import scenes_for
+from eval.evaluator import scenes_for
 from mmdit_core.autoencoder import Autoencoder, build_vae, latent_stats, vae_loss
 from mmdit_core.config import ExperimentConfig, flatten
 from mmdit_core.data.images import to_uint8
-from mmdit_core.data.shards import SkipCounts, make_loader, read_manifest, split_shards
+from mmdit_core.data.shards import SkipCounts, read_manifest
 from mmdit_core.data.training import read_split
 
-from .stage import Stage, descend
+from .stage import Stage, descend, train_images
 from .tracking import Tracker
 
 # Autoencoders this command trained are committed in experiments/autoencoders with their summaries and
 # reused when made from the same settings and data (`python -m experiments.train_autoencoder --config C`
 # reproduces each one). The weights file is what save_pretrained writes.
-STAGE = Stage("autoencoder", weights="diffusion_pytorch_model.safetensors", shipped=Path(__file__).parent / "autoencoders")
+STAGE = Stage(
+    "autoencoder", weights="diffusion_pytorch_model.safetensors", shipped=Path(__file__).parent / "autoencoders"
+)
 LOG_EVERY = 50  # training steps between logged losses
 FIDELITY_IMAGES = 1024  # val images the fidelity is measured on (all of a smaller split)
 ORACLE_FIELDS = ("colour", "position", "shape", "whole", "whole_shape")
@@ -56,8 +58,11 @@ def side_by_side(originals: torch.Tensor, recons: torch.Tensor, scale: int = 4) 
 
 def made_from(cfg: ExperimentConfig) -> dict[str, Any]:
     """What determines the trained weights: the autoencoder's settings (not where it is saved), the data, the seed."""
-    return {"autoencoder": cfg.autoencoder.model_dump(exclude={"path"}), "dataset": read_manifest(cfg.data.root)["key"],
-            "seed": cfg.train.seed}
+    return {
+        "autoencoder": cfg.autoencoder.model_dump(exclude={"path"}),
+        "dataset": read_manifest(cfg.data.root)["key"],
+        "seed": cfg.train.seed,
+    }
 
 
 def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[AutoencoderKL, dict[str, Any]]:
@@ -65,9 +70,7 @@ def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[AutoencoderKL, dict[
     ae_cfg = cfg.autoencoder
     torch.manual_seed(cfg.train.seed)
     counts = SkipCounts()
-    loader = make_loader(split_shards(cfg.data.root, "train"), ae_cfg.batch_size, num_workers=cfg.data.num_workers,
-                         image_size=cfg.data.image_size,
-                         resampled=True, shuffle=cfg.data.shuffle_buffer, seed=cfg.data.seed, counts=counts)
+    loader = train_images(cfg, ae_cfg.batch_size, counts)
     vae = build_vae(ae_cfg)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=ae_cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, ae_cfg.train_steps)
@@ -83,7 +86,12 @@ def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[AutoencoderKL, dict[
     vae.eval()
     shift, scale = latent_stats(vae, (next(batches)["image"] for _ in range(8)))
     vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    return vae, {"train_seconds": round(train_seconds, 1), "shift": shift, "scale": scale, "train_skips": counts.totals()}
+    return vae, {
+        "train_seconds": round(train_seconds, 1),
+        "shift": shift,
+        "scale": scale,
+        "train_skips": counts.totals(),
+    }
 
 
 @torch.no_grad()
@@ -110,19 +118,28 @@ def describe(summary: dict[str, Any]) -> str:
     text = f"val PSNR {f['psnr_db']:.2f} dB"
     if "reconstructions" in f:
         r, c = f["reconstructions"], f["real_images"]
-        text += ("; oracle on reconstructions " + " / ".join(f"{k} {100 * r[k]:.1f}%" for k in ORACLE_FIELDS[:4])
-                 + " (real images: " + " / ".join(f"{100 * c[k]:.1f}%" for k in ORACLE_FIELDS[:4]) + ")")
+        text += (
+            "; oracle on reconstructions "
+            + " / ".join(f"{k} {100 * r[k]:.1f}%" for k in ORACLE_FIELDS[:4])
+            + " (real images: "
+            + " / ".join(f"{100 * c[k]:.1f}%" for k in ORACLE_FIELDS[:4])
+            + ")"
+        )
     return text
 
 
 def train_and_save(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[str, Any]:
     """Train, measure and save the autoencoder of `cfg` (refusing any other kind), tracked in MLflow."""
     if cfg.autoencoder.kind != "trained":
-        raise SystemExit(f"error: autoencoder.kind={cfg.autoencoder.kind}: only the `trained` kind is trained here "
-                         "(--set autoencoder.kind=trained, or --config experiments/configs/demo.yaml)")
+        raise SystemExit(
+            f"error: autoencoder.kind={cfg.autoencoder.kind}: only the `trained` kind is trained here "
+            "(--set autoencoder.kind=trained, or --config experiments/configs/demo.yaml)"
+        )
     made, out = made_from(cfg), Path(cfg.autoencoder.path)
-    params = ({f"autoencoder.{k}": v for k, v in flatten(made["autoencoder"]).items()}
-              | {"dataset": made["dataset"], "seed": made["seed"]})
+    params = {f"autoencoder.{k}": v for k, v in flatten(made["autoencoder"]).items()} | {
+        "dataset": made["dataset"],
+        "seed": made["seed"],
+    }
     with STAGE.tracked(made, out, params, tracking_uri, cfg) as tracker:
         vae, trained = train(cfg, tracker)
         measured, recon_image = fidelity(cfg, Autoencoder(cfg.autoencoder, vae))
@@ -145,12 +162,22 @@ def fidelity_metrics(measured: dict[str, Any]) -> dict[str, float]:
 def reuse_or_train(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[str, Any]:
     """The autoencoder trained from these settings and this data (the dataset key is checked): the one at
     autoencoder.path, else a shipped one copied there, else a new one trained."""
-    return STAGE.reuse_or_train(made_from(cfg), Path(cfg.autoencoder.path), lambda: train_and_save(cfg, tracking_uri), describe)
+    return STAGE.reuse_or_train(
+        made_from(cfg), Path(cfg.autoencoder.path), lambda: train_and_save(cfg, tracking_uri), describe
+    )
 
 
 def main(argv=None) -> dict[str, Any]:
-    return STAGE.main(__doc__, argv, train_and_save, reuse_or_train, lambda cfg, summary: (
-        f"autoencoder saved to {cfg.autoencoder.path}: {describe(summary)}; reconstructions: {Path(cfg.autoencoder.path) / 'recon.png'}"))
+    return STAGE.main(
+        __doc__,
+        argv,
+        train_and_save,
+        reuse_or_train,
+        lambda cfg, summary: (
+            f"autoencoder saved to {cfg.autoencoder.path}: {describe(summary)}; "
+            f"reconstructions: {Path(cfg.autoencoder.path) / 'recon.png'}"
+        ),
+    )
 
 
 if __name__ == "__main__":

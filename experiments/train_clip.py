@@ -35,7 +35,7 @@ from mmdit_core.data.shards import SkipCounts, make_loader, read_manifest, split
 from mmdit_core.data.training import read_split
 from mmdit_core.files import verified_summary
 
-from .stage import Stage, descend
+from .stage import Stage, descend, train_images
 from .tracking import Tracker
 
 # CLIPs this command trained are committed in experiments/clips with their summaries and reused when
@@ -52,26 +52,52 @@ def train_tokenizer(captions: list[str], vocab_size: int, context_length: int) -
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.decoder = decoders.WordPiece()
-    tokenizer.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL)))
+    tokenizer.train_from_iterator(
+        captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL))
+    )
     bos, eos = (tokenizer.token_to_id(t) for t in ("[BOS]", "[EOS]"))
-    tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", special_tokens=[("[BOS]", bos), ("[EOS]", eos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=context_length, pad_token="[PAD]",
-                                   unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", bos), ("[EOS]", eos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        model_max_length=context_length,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+    )
 
 
-def build_clip(clip_cfg: ClipConfig, image_size: int, tokenizer: PreTrainedTokenizerFast) -> tuple[CLIPModel, CLIPProcessor]:
+def build_clip(
+    clip_cfg: ClipConfig, image_size: int, tokenizer: PreTrainedTokenizerFast
+) -> tuple[CLIPModel, CLIPProcessor]:
     """A CLIPModel of this shape and the processor it is trained and scored through."""
-    tower = {"hidden_size": clip_cfg.width, "intermediate_size": 4 * clip_cfg.width,
-             "num_hidden_layers": clip_cfg.depth, "num_attention_heads": clip_cfg.num_heads}
+    tower = {
+        "hidden_size": clip_cfg.width,
+        "intermediate_size": 4 * clip_cfg.width,
+        "num_hidden_layers": clip_cfg.depth,
+        "num_attention_heads": clip_cfg.num_heads,
+    }
     config = CLIPConfig(
-        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": clip_cfg.context_length,
-                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                     "eos_token_id": tokenizer.eos_token_id},
+        text_config={
+            **tower,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": clip_cfg.context_length,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
         vision_config={**tower, "image_size": image_size, "patch_size": clip_cfg.patch_size},
-        projection_dim=clip_cfg.width)
+        projection_dim=clip_cfg.width,
+    )
     # uint8 -> [-1, 1]; resizing and cropping are identities at the dataset's size and fit any other size to it
-    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
     return CLIPModel(config), CLIPProcessor(image_processor=images, tokenizer=tokenizer)
 
 
@@ -83,7 +109,9 @@ def made_from(cfg: ExperimentConfig) -> dict[str, Any]:
 def train_captions(cfg: ExperimentConfig) -> list[str]:
     """Every caption of the train split, in shard order."""
     captions: list[str] = []
-    for batch in make_loader(split_shards(cfg.data.root, "train"), 256, counts=SkipCounts(), image_size=cfg.data.image_size):
+    for batch in make_loader(
+        split_shards(cfg.data.root, "train"), 256, counts=SkipCounts(), image_size=cfg.data.image_size
+    ):
         captions += batch["caption"]
     return captions
 
@@ -100,25 +128,37 @@ def train(cfg: ExperimentConfig, tracker: Tracker) -> tuple[CLIPModel, CLIPProce
     clip, processor = build_clip(clip_cfg, cfg.data.image_size, tokenizer)
     clip.to(device_of(cfg))
     counts = SkipCounts()
-    loader = make_loader(split_shards(cfg.data.root, "train"), clip_cfg.batch_size, num_workers=cfg.data.num_workers,
-                         image_size=cfg.data.image_size,
-                         resampled=True, shuffle=cfg.data.shuffle_buffer, seed=cfg.data.seed, counts=counts)
+    loader = train_images(cfg, clip_cfg.batch_size, counts)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=clip_cfg.lr, weight_decay=clip_cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, clip_cfg.train_steps)
     started, batches = time.perf_counter(), iter(loader)
     for step in (bar := tqdm(range(1, clip_cfg.train_steps + 1), desc="CLIP", unit="step")):
         batch = next(batches)
-        inputs = processor(text=batch["caption"], images=list(to_uint8(batch["image"])), return_tensors="pt",
-                           padding=True, truncation=True, max_length=clip_cfg.context_length).to(clip.device)
+        inputs = processor(
+            text=batch["caption"],
+            images=list(to_uint8(batch["image"])),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=clip_cfg.context_length,
+        ).to(clip.device)
         loss = clip(**inputs, return_loss=True).loss
         descend(loss, optimizer, schedule)
         if step % LOG_EVERY == 0 or step == clip_cfg.train_steps:
             tracker.log_metrics({"train/loss": loss.item(), "train/logit_scale": clip.logit_scale.exp().item()}, step)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     clip.eval()
-    return clip, processor, {"train_seconds": round(time.perf_counter() - started, 1), "steps": clip_cfg.train_steps,
-                             "params": sum(p.numel() for p in clip.parameters()), "vocab": len(tokenizer),
-                             "train_skips": counts.totals()}
+    return (
+        clip,
+        processor,
+        {
+            "train_seconds": round(time.perf_counter() - started, 1),
+            "steps": clip_cfg.train_steps,
+            "params": sum(p.numel() for p in clip.parameters()),
+            "vocab": len(tokenizer),
+            "train_skips": counts.totals(),
+        },
+    )
 
 
 def validation(cfg: ExperimentConfig, scorer: ClipScorer) -> dict[str, Any]:
@@ -133,8 +173,11 @@ def validation(cfg: ExperimentConfig, scorer: ClipScorer) -> dict[str, Any]:
 def validation_metrics(measured: dict[str, Any]) -> dict[str, float]:
     """The validation as MLflow metrics: val/retrieval_image_to_text, val/gap_shuffled, val/separation_colour, ..."""
     metrics = {f"val/retrieval_{k}": v for k, v in measured["retrieval"].items()}
-    metrics |= {"val/clip_score_own": measured["own_vs_shuffled"]["own"], "val/clip_score_shuffled": measured["own_vs_shuffled"]["shuffled"],
-                "val/gap_shuffled": measured["own_vs_shuffled"]["gap"]["mean"]}
+    metrics |= {
+        "val/clip_score_own": measured["own_vs_shuffled"]["own"],
+        "val/clip_score_shuffled": measured["own_vs_shuffled"]["shuffled"],
+        "val/gap_shuffled": measured["own_vs_shuffled"]["gap"]["mean"],
+    }
     swaps = measured.get("attribute_swaps", {}) | ({"binding": measured["binding"]} if "binding" in measured else {})
     for name, swap in swaps.items():
         metrics |= {f"val/separation_{name}": swap["separation"], f"val/gap_{name}": swap["gap"]["mean"]}
@@ -144,8 +187,10 @@ def validation_metrics(measured: dict[str, Any]) -> dict[str, float]:
 def train_and_save(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[str, Any]:
     """Train, validate and save the CLIP of `cfg`'s dataset, tracked in MLflow."""
     made, out = made_from(cfg), trained_clip_dir(cfg.data.root)
-    params = ({f"clip.{k}": v for k, v in flatten(made["clip"]).items()}
-              | {"dataset": made["dataset"], "seed": made["seed"]})
+    params = {f"clip.{k}": v for k, v in flatten(made["clip"]).items()} | {
+        "dataset": made["dataset"],
+        "seed": made["seed"],
+    }
     with STAGE.tracked(made, out, params, tracking_uri, cfg) as tracker:
         clip, processor, trained = train(cfg, tracker)
         measured = validation(cfg, ClipScorer(clip, processor, clip.device))
@@ -175,13 +220,23 @@ def revalidate(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[s
 def reuse_or_train(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[str, Any]:
     """The CLIP trained from these settings on this data: the one beside the dataset, else a shipped one
     copied there, else a new one trained."""
-    return STAGE.reuse_or_train(made_from(cfg), trained_clip_dir(cfg.data.root), lambda: train_and_save(cfg, tracking_uri),
-                                lambda summary: describe(summary["validation"]))
+    return STAGE.reuse_or_train(
+        made_from(cfg),
+        trained_clip_dir(cfg.data.root),
+        lambda: train_and_save(cfg, tracking_uri),
+        lambda summary: describe(summary["validation"]),
+    )
 
 
 def main(argv=None) -> dict[str, Any]:
-    return STAGE.main(__doc__, argv, train_and_save, reuse_or_train, lambda cfg, summary: (
-        f"CLIP saved to {trained_clip_dir(cfg.data.root)}: {describe(summary['validation'])}"), revalidate)
+    return STAGE.main(
+        __doc__,
+        argv,
+        train_and_save,
+        reuse_or_train,
+        lambda cfg, summary: f"CLIP saved to {trained_clip_dir(cfg.data.root)}: {describe(summary['validation'])}",
+        revalidate,
+    )
 
 
 if __name__ == "__main__":

@@ -22,13 +22,23 @@ from .config import AutoencoderConfig
 def build_vae(cfg: AutoencoderConfig) -> AutoencoderKL:
     """A fresh AutoencoderKL shaped by the config (the `trained` kind before training)."""
     depth = len(cfg.block_out_channels)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
-                         block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-                         down_block_types=("DownEncoderBlock2D",) * depth, up_block_types=("UpDecoderBlock2D",) * depth,
-                         norm_num_groups=min(32, min(cfg.block_out_channels)), scaling_factor=1.0, shift_factor=0.0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=cfg.latent_channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=("DownEncoderBlock2D",) * depth,
+        up_block_types=("UpDecoderBlock2D",) * depth,
+        norm_num_groups=min(32, min(cfg.block_out_channels)),
+        scaling_factor=1.0,
+        shift_factor=0.0,
+    )
 
 
-FOREGROUND_THRESHOLD = 0.1  # summed |RGB| distance (pixels in [-1, 1]) from the median colour that marks a pixel foreground
+FOREGROUND_THRESHOLD = (
+    0.1  # summed |RGB| distance (pixels in [-1, 1]) from the median colour that marks a pixel foreground
+)
 
 
 def foreground_weights(pixels: torch.Tensor, weight: float) -> torch.Tensor:
@@ -82,8 +92,10 @@ class Autoencoder(nn.Module):
             vae.eval().requires_grad_(False)
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             if vae.config.latent_channels != cfg.latent_channels:
-                raise ValueError(f"autoencoder.latent_channels={cfg.latent_channels} but the VAE at {cfg.path} "
-                                 f"has {vae.config.latent_channels}")
+                raise ValueError(
+                    f"autoencoder.latent_channels={cfg.latent_channels} but the VAE at {cfg.path} "
+                    f"has {vae.config.latent_channels}"
+                )
             if factor != cfg.factor:
                 raise ValueError(f"autoencoder.factor={cfg.factor} but the VAE at {cfg.path} downsamples by {factor}")
 
@@ -91,8 +103,10 @@ class Autoencoder(nn.Module):
     def check_trained(cfg: AutoencoderConfig) -> None:
         """FileNotFoundError when the `trained` kind has not been trained yet (cheap: no weights read)."""
         if cfg.kind == "trained" and not Path(cfg.path).is_dir():
-            raise FileNotFoundError(f"autoencoder.path={cfg.path} holds no trained autoencoder: "
-                                    "run python -m experiments.train_autoencoder first")
+            raise FileNotFoundError(
+                f"autoencoder.path={cfg.path} holds no trained autoencoder: "
+                "run python -m experiments.train_autoencoder first"
+            )
 
     @classmethod
     def load(cls, cfg: AutoencoderConfig) -> Autoencoder:

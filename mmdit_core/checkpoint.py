@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, build_config
 from .ema import EMA
 from .files import atomic_directory, sha256_file
 
@@ -47,12 +48,15 @@ class Checkpoint:
 
 # ---- RNG state as weights_only-loadable data ---------------------------------------------------
 
+
 def rng_state() -> dict[str, Any]:
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(mt), gauss],
-             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -70,13 +74,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ---- save / load --------------------------------------------------------------------------------
 
+
 def _cpu_contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def save_checkpoint(path: str | Path, *, model: nn.Module, config: ExperimentConfig, step: int,
-                    ema: EMA | None = None, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any | None = None, extra: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    config: ExperimentConfig,
+    step: int,
+    ema: EMA | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write a checkpoint directory atomically (replacing one already at `path`)."""
     path = Path(path)
     with atomic_directory(path) as tmp:
@@ -85,14 +98,20 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: ExperimentCon
         save_file(_cpu_contiguous(model.state_dict()), tmp / "model.safetensors", metadata=metadata)
         if ema is not None:
             save_file(_cpu_contiguous(ema.tensors()), tmp / "ema.safetensors", metadata=metadata)
-        state = {"step": step, "rng": rng_state(), "extra": extra or {},
-                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                 "ema_updates": ema.num_updates if ema is not None else None}
+        state = {
+            "step": step,
+            "extra": extra or {},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "ema_updates": ema.num_updates if ema is not None else None,
+        }
         torch.save(state, tmp / "state.pt")
         (tmp / "config.yaml").write_text(config_yaml)
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-                    for name in FILES if (tmp / name).exists()}
+        manifest = {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+            for name in FILES
+            if (tmp / name).exists()
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         for name in [*manifest, "manifest.json"]:
             with open(tmp / name, "rb") as f:
@@ -115,25 +134,36 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
         size = file.stat().st_size
         if size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {size} bytes, expected {expected['bytes']} (truncated?)")
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: {name} has {size} bytes, expected {expected['bytes']} (truncated?)"
+            )
         if sha256_file(file) != expected["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} fails its sha256 check")
     return manifest
 
 
 def read_config(path: str | Path) -> ExperimentConfig:
-    """The resolved config stored inside a checkpoint's weights file."""
+    """The resolved config stored inside a checkpoint's weights file (one written before model.pooled_dim
+    was derived from text.dim still loads: the field is dropped)."""
     path = Path(path)
     try:
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            return ExperimentConfig.from_yaml(f.metadata()["config"])
+            tree = yaml.safe_load(f.metadata()["config"])
     except (OSError, SafetensorError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path}: cannot read the config from model.safetensors ({exc})") from None
+    tree.get("model", {}).pop("pooled_dim", None)
+    return build_config(tree)
 
 
-def load_checkpoint(path: str | Path, *, model: nn.Module, ema: EMA | None = None,
-                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None,
-                    restore_rng: bool = False, weights: str = "model") -> Checkpoint:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    ema: EMA | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    weights: str = "model",
+) -> Checkpoint:
     """Restore whatever is passed in from a verified checkpoint.
 
     weights="ema" loads the averaged weights into `model` (for sampling and evaluation).
@@ -154,6 +184,4 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, ema: EMA | None = Non
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
-    if restore_rng:
-        set_rng_state(state["rng"])
     return Checkpoint(path=path, config=read_config(path), step=state["step"], extra=state["extra"])

@@ -30,7 +30,7 @@ class Conditioning:
 
     text: torch.Tensor  # (B, L, D_text)
     mask: torch.Tensor  # (B, L) bool, True for real tokens
-    pooled: torch.Tensor  # (B, D_pooled)
+    pooled: torch.Tensor  # (B, D_text): the masked mean of the text states, or what the encoder pools
 
     def __len__(self) -> int:
         return self.text.shape[0]
@@ -46,16 +46,25 @@ class Conditioning:
 
     def cat(self, other: Conditioning) -> Conditioning:
         if other.text.shape[1:] != self.text.shape[1:]:
-            raise ValueError(f"cannot batch text of shape {tuple(self.text.shape[1:])} with {tuple(other.text.shape[1:])}: "
-                             "encode both with the same text.max_length")
-        return Conditioning(*(torch.cat([a, b]) for a, b in ((self.text, other.text), (self.mask, other.mask), (self.pooled, other.pooled))))
+            raise ValueError(
+                f"cannot batch text of shape {tuple(self.text.shape[1:])} with {tuple(other.text.shape[1:])}: "
+                "encode both with the same text.max_length"
+            )
+        return Conditioning(
+            *(
+                torch.cat([a, b])
+                for a, b in ((self.text, other.text), (self.mask, other.mask), (self.pooled, other.pooled))
+            )
+        )
 
     def where(self, keep: torch.Tensor, other: Conditioning) -> Conditioning:
         """Rows of self where keep (B,) is True, else the rows of other (batch 1 or B)."""
         other = other.expand(len(self))
-        return Conditioning(torch.where(keep[:, None, None], self.text, other.text),
-                            torch.where(keep[:, None], self.mask, other.mask),
-                            torch.where(keep[:, None], self.pooled, other.pooled))
+        return Conditioning(
+            torch.where(keep[:, None, None], self.text, other.text),
+            torch.where(keep[:, None], self.mask, other.mask),
+            torch.where(keep[:, None], self.pooled, other.pooled),
+        )
 
     def to(self, device) -> Conditioning:
         return Conditioning(self.text.to(device), self.mask.to(device), self.pooled.to(device))
@@ -86,14 +95,14 @@ class Parameterization:
 
 PARAMETERIZATIONS = {
     "velocity": Parameterization(
-        target=lambda x0, noise: noise - x0,
-        decompose=lambda out, x_t, t: (x_t - t * out, x_t + (1 - t) * out)),
+        target=lambda x0, noise: noise - x0, decompose=lambda out, x_t, t: (x_t - t * out, x_t + (1 - t) * out)
+    ),
     "epsilon": Parameterization(
-        target=lambda x0, noise: noise,
-        decompose=lambda out, x_t, t: ((x_t - t * out) / (1 - t).clamp_min(T_EPS), out)),
+        target=lambda x0, noise: noise, decompose=lambda out, x_t, t: ((x_t - t * out) / (1 - t).clamp_min(T_EPS), out)
+    ),
     "x0": Parameterization(
-        target=lambda x0, noise: x0,
-        decompose=lambda out, x_t, t: (out, (x_t - (1 - t) * out) / t.clamp_min(T_EPS))),
+        target=lambda x0, noise: x0, decompose=lambda out, x_t, t: (out, (x_t - (1 - t) * out) / t.clamp_min(T_EPS))
+    ),
 }
 
 
@@ -118,8 +127,9 @@ class RectifiedFlow:
         x0, noise = self.split(out, x_t, t)
         return noise - x0
 
-    def per_sample_loss(self, model: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                        cond: Conditioning) -> torch.Tensor:
+    def per_sample_loss(
+        self, model: nn.Module, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
         """(B,) MSE at the given times: against the parameterisation's target in latent space, or
         between decoded predicted and decoded true x0 in pixel space."""
         x_t = interpolate(x0, noise, t)
@@ -132,8 +142,14 @@ class RectifiedFlow:
             pred, target = out.float(), self.param.target(x0, noise).float()
         return F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)
 
-    def loss(self, model: nn.Module, x0: torch.Tensor, cond: Conditioning, null: Conditioning,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        cond: Conditioning,
+        null: Conditioning,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Scalar training loss: random t and noise, and the text replaced by `null` with
         probability flow.cfg_dropout (classifier-free guidance training)."""
         B = x0.shape[0]
@@ -143,13 +159,18 @@ class RectifiedFlow:
         return self.per_sample_loss(model, x0, noise, t, cond.where(keep, null)).mean()
 
     @torch.no_grad()
-    def loss_by_t(self, model: nn.Module, x0: torch.Tensor, cond: Conditioning, ts: list[float],
-                  seed: int = 0) -> dict[float, float]:
+    def loss_by_t(
+        self, model: nn.Module, x0: torch.Tensor, cond: Conditioning, ts: list[float], seed: int = 0
+    ) -> dict[float, float]:
         """Mean loss at each fixed t, with noise fixed by `seed`: comparable across steps, runs and arms
         that train on the same loss (not across flow.loss_space or flow.prediction)."""
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0.device)
-        return {t: self.per_sample_loss(model, x0, noise, torch.full((x0.shape[0],), t, device=x0.device), cond).mean().item()
-                for t in ts}
+        return {
+            t: self.per_sample_loss(model, x0, noise, torch.full((x0.shape[0],), t, device=x0.device), cond)
+            .mean()
+            .item()
+            for t in ts
+        }
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -178,8 +199,14 @@ def heun_step(velocity: Velocity, x: torch.Tensor, t: float, t_next: float) -> t
 SAMPLERS = {"euler": euler_step, "heun": heun_step}
 
 
-def integrate(velocity: Velocity, noise: torch.Tensor, sampler: str, steps: int, shift: float = 1.0,
-              return_trajectory: bool = False) -> torch.Tensor:
+def integrate(
+    velocity: Velocity,
+    noise: torch.Tensor,
+    sampler: str,
+    steps: int,
+    shift: float = 1.0,
+    return_trajectory: bool = False,
+) -> torch.Tensor:
     """Solve dx/dt = velocity from t=1 (noise) to t=0. Returns x0 (B, ...), or with
     return_trajectory the states at every time, (steps + 1, B, ...)."""
     step = SAMPLERS[sampler]
@@ -191,8 +218,15 @@ def integrate(velocity: Velocity, noise: torch.Tensor, sampler: str, steps: int,
     return torch.stack(trajectory) if return_trajectory else x
 
 
-def guided_velocity(model: nn.Module, flow: RectifiedFlow, x: torch.Tensor, t: float, cond: Conditioning,
-                    null: Conditioning, cfg_scale: float) -> torch.Tensor:
+def guided_velocity(
+    model: nn.Module,
+    flow: RectifiedFlow,
+    x: torch.Tensor,
+    t: float,
+    cond: Conditioning,
+    null: Conditioning,
+    cfg_scale: float,
+) -> torch.Tensor:
     """Classifier-free guidance: v_null + s·(v_cond - v_null), both passes batched into one forward.
     At s = 1 this is the conditional velocity, and the null pass is skipped."""
     B = x.shape[0]
@@ -206,8 +240,15 @@ def guided_velocity(model: nn.Module, flow: RectifiedFlow, x: torch.Tensor, t: f
 
 
 @torch.no_grad()
-def generate(model: nn.Module, flow: RectifiedFlow, noise: torch.Tensor, cond: Conditioning,
-             null: Conditioning, cfg: SampleConfig, return_trajectory: bool = False) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    flow: RectifiedFlow,
+    noise: torch.Tensor,
+    cond: Conditioning,
+    null: Conditioning,
+    cfg: SampleConfig,
+    return_trajectory: bool = False,
+) -> torch.Tensor:
     """Sample latents for `cond` from `noise` (B, C, H, W) with the configured sampler, steps, shift and CFG."""
     velocity = lambda x, t: guided_velocity(model, flow, x, t, cond, null, cfg.cfg_scale)  # noqa: E731
     return integrate(velocity, noise.float(), cfg.sampler, cfg.steps, cfg.shift, return_trajectory)

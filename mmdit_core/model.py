@@ -24,6 +24,7 @@ TIME_FEATURES = 256  # sinusoidal features of t before the timestep MLP (DiT, SD
 
 # ---- embeddings ---------------------------------------------------------------------------------
 
+
 def timestep_embedding(t: torch.Tensor, dim: int = TIME_FEATURES, max_period: float = 10000.0) -> torch.Tensor:
     """(B,) t in [0, 1] -> (B, dim) sinusoidal features of 1000·t, the scale SD3 uses."""
     half = dim // 2
@@ -92,8 +93,10 @@ class ImagePositions(nn.Module):
 
 # ---- attention ----------------------------------------------------------------------------------
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str,
-              key_mask: torch.Tensor | None = None) -> torch.Tensor:
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Multi-head attention. q (B, Sq, H, D), k and v (B, Sk, H, D), key_mask (B, Sk) True = attend.
 
     Returns (B, Sq, H·D). `model.sdpa_layout` is read here and nowhere else.
@@ -135,6 +138,7 @@ class QKV(nn.Module):
 
 # ---- conditioning -------------------------------------------------------------------------------
 
+
 def modulate(x: torch.Tensor, shift, scale) -> torch.Tensor:
     return x * (1 + scale) + shift
 
@@ -149,7 +153,7 @@ class AdaLNZero(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor):  # x (B, S, W), c (B, W)
         chunks = self.proj(F.silu(c))[:, None].chunk(3 * self.sites, dim=-1)  # each (B, 1, W)
-        return x, [chunks[3 * i:3 * i + 3] for i in range(self.sites)]
+        return x, [chunks[3 * i : 3 * i + 3] for i in range(self.sites)]
 
 
 class AdditiveTime(nn.Module):
@@ -190,7 +194,9 @@ class Stream(nn.Module):
             hidden = int(cfg.width * cfg.mlp_ratio)
             self.out = nn.Linear(cfg.width, cfg.width)
             self.norm2 = layer_norm(cfg.width)
-            self.mlp = nn.Sequential(nn.Linear(cfg.width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.width))
+            self.mlp = nn.Sequential(
+                nn.Linear(cfg.width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.width)
+            )
 
     def attention_inputs(self, x: torch.Tensor, c: torch.Tensor):
         x, mods = self.cond(x, c)
@@ -275,7 +281,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.cond = make_conditioning(cfg.time_cond, cfg.width, sites=1)
         self.norm = layer_norm(cfg.width)
-        self.linear = nn.Linear(cfg.width, cfg.patch_size ** 2 * cfg.in_channels)
+        self.linear = nn.Linear(cfg.width, cfg.patch_size**2 * cfg.in_channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, N, W) -> (B, N, p·p·C)
         x, [(shift, scale, _)] = self.cond(x, c)
@@ -283,6 +289,7 @@ class FinalLayer(nn.Module):
 
 
 # ---- the model ----------------------------------------------------------------------------------
+
 
 @torch.compiler.disable  # a data-dependent length: a compiled forward breaks its graph here, on purpose
 def text_length(text_mask: torch.Tensor) -> int:
@@ -298,7 +305,7 @@ class MMDiT(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.in_channels, W, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.positions = ImagePositions(cfg)
         self.time_embed = nn.Sequential(nn.Linear(TIME_FEATURES, W), nn.SiLU(), nn.Linear(W, W))
-        self.pooled_embed = nn.Sequential(nn.Linear(cfg.pooled_dim, W), nn.SiLU(), nn.Linear(W, W))
+        self.pooled_embed = nn.Sequential(nn.Linear(cfg.text_dim, W), nn.SiLU(), nn.Linear(W, W))
         self.blocks = nn.ModuleList(make_block(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth))
         self.context_embed = nn.Linear(cfg.text_dim, W) if self.blocks[0].uses_text_tokens else None
         self.final = FinalLayer(cfg)
@@ -320,19 +327,22 @@ class MMDiT(nn.Module):
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, p·p·C) -> (B, C, H, W)
         B, p, C = x.shape[0], self.cfg.patch_size, self.cfg.in_channels
         g = self.cfg.input_size // p
         x = x.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
         return x.reshape(B, C, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                text_mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x (B, C, H, W) noisy latents at time t (B,) in [0, 1] (0 data, 1 noise); text (B, L, D_text);
-        text_mask (B, L) True for real tokens; pooled (B, D_pooled), the masked mean of text if None."""
+        text_mask (B, L) True for real tokens; pooled (B, D_text), the masked mean of text if None."""
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
         if pooled is None:

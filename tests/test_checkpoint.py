@@ -6,7 +6,14 @@ import torch
 from conftest import random_conditioning
 
 from mmdit_core import checkpoint as ckpt
-from mmdit_core.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from mmdit_core.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_config,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from mmdit_core.config import build_config
 from mmdit_core.ema import EMA
 from mmdit_core.flow import RectifiedFlow
@@ -15,8 +22,17 @@ from mmdit_core.trainer import Trainer
 
 
 def make_trainer(seed=0):
-    cfg = build_config({"name": "ck"}, ["model.width=32", "model.depth=2", "model.num_heads=2", "data.image_size=8",
-                                        "text.dim=16", "train.warmup_steps=3"])
+    cfg = build_config(
+        {"name": "ck"},
+        [
+            "model.width=32",
+            "model.depth=2",
+            "model.num_heads=2",
+            "data.image_size=8",
+            "text.dim=16",
+            "train.warmup_steps=3",
+        ],
+    )
     torch.manual_seed(seed)
     model = MMDiT(cfg.model)
     return cfg, Trainer(cfg, model, RectifiedFlow(cfg.flow), random_conditioning(1, seed=9))
@@ -32,16 +48,26 @@ def test_round_trip_restores_everything_bit_identically(tmp_path):
     cfg, trainer = make_trainer()
     train_a_little(trainer)
     random.seed(5), np.random.seed(6), torch.manual_seed(7)
-    save_checkpoint(tmp_path / "c", model=trainer.model, config=cfg, step=trainer.step, ema=trainer.ema,
-                    optimizer=trainer.optimizer, scheduler=trainer.scheduler, extra={"data_position": 123})
+    save_checkpoint(
+        tmp_path / "c",
+        model=trainer.model,
+        config=cfg,
+        step=trainer.step,
+        ema=trainer.ema,
+        optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler,
+        extra={"data_position": 123, "rng": rng_state()},
+    )
     expected_draws = (random.random(), np.random.rand(), torch.rand(3))
 
     _, fresh = make_trainer(seed=1)
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
-    info = load_checkpoint(tmp_path / "c", model=fresh.model, ema=fresh.ema, optimizer=fresh.optimizer,
-                           scheduler=fresh.scheduler, restore_rng=True)
+    info = load_checkpoint(
+        tmp_path / "c", model=fresh.model, ema=fresh.ema, optimizer=fresh.optimizer, scheduler=fresh.scheduler
+    )
+    set_rng_state(info.extra["rng"])  # RNG states travel as weights_only-loadable data
     assert (random.random(), np.random.rand()) == expected_draws[:2] and torch.equal(torch.rand(3), expected_draws[2])
-    assert info.step == 4 and info.extra == {"data_position": 123} and info.config == cfg
+    assert info.step == 4 and info.extra["data_position"] == 123 and info.config == cfg
     for a, b in zip(trainer.model.state_dict().values(), fresh.model.state_dict().values()):
         assert torch.equal(a, b)
     for name, tensor in trainer.ema.tensors().items():
@@ -90,7 +116,9 @@ def test_ema_warm_up_and_swap():
 @pytest.mark.parametrize("victim", ["model.safetensors", "state.pt"])
 def test_truncated_file_is_reported_corrupt(tmp_path, victim):
     cfg, trainer = make_trainer()
-    save_checkpoint(tmp_path / "c", model=trainer.model, config=cfg, step=0, ema=trainer.ema, optimizer=trainer.optimizer)
+    save_checkpoint(
+        tmp_path / "c", model=trainer.model, config=cfg, step=0, ema=trainer.ema, optimizer=trainer.optimizer
+    )
     data = (tmp_path / "c" / victim).read_bytes()
     (tmp_path / "c" / victim).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=f"corrupt: {victim}.*truncated"):

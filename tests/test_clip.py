@@ -22,10 +22,21 @@ from mmdit_core.data.training import read_split
 TINY_CLIP = ["clip.width=32", "clip.depth=1", "clip.num_heads=2", "clip.batch_size=16"]
 
 
+def scenes_settings(root) -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.image_size=16",
+        "data.num_train=48",
+        "data.num_val=16",
+        "data.samples_per_shard=16",
+        "data.num_workers=0",
+        "clip.train_steps=4",
+        *TINY_CLIP,
+    ]
+
+
 def scenes_config(tmp_path, *extra):
-    return load_config(None, [f"data.root={tmp_path / 'scenes'}", "data.image_size=16", "data.num_train=48",
-                              "data.num_val=16", "data.samples_per_shard=16", "data.num_workers=0",
-                              "clip.train_steps=4", *TINY_CLIP, *extra])
+    return load_config(None, [*scenes_settings(tmp_path / "scenes"), *extra])
 
 
 def test_trained_clip_saves_reloads_offline_is_tracked_and_reused(tmp_path, monkeypatch):
@@ -48,7 +59,9 @@ def test_trained_clip_saves_reloads_offline_is_tracked_and_reused(tmp_path, monk
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
     captions = [make_scene(0, i, max_objects=1).caption for i in range(5)]
     by_torchmetrics = scorer(images, captions)
-    by_features = clip_validation.clip_score(clip_validation.similarities(scorer.embed_images(images), scorer.embed_captions(captions)))
+    by_features = clip_validation.clip_score(
+        clip_validation.similarities(scorer.embed_images(images), scorer.embed_captions(captions))
+    )
     assert by_torchmetrics == pytest.approx(by_features, abs=1e-3)
     long_caption = " and ".join(make_scene(0, i, max_objects=1).caption for i in range(8))  # far past 32 tokens
     with pytest.warns(UserWarning, match="truncated"):
@@ -57,13 +70,15 @@ def test_trained_clip_saves_reloads_offline_is_tracked_and_reused(tmp_path, monk
 
     (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("clip").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["dataset"] == manifest["key"]
-    assert {"train/loss", "val/retrieval_image_to_text", "val/gap_shuffled", "val/separation_colour"} <= set(run.data.metrics)
+    assert {"train/loss", "val/retrieval_image_to_text", "val/gap_shuffled", "val/separation_colour"} <= set(
+        run.data.metrics
+    )
 
-    monkeypatch.setattr(train_clip, "train", lambda *a: pytest.fail("a CLIP made from these settings and data was trained again"))
+    monkeypatch.setattr(
+        train_clip, "train", lambda *a: pytest.fail("a CLIP made from these settings and data was trained again")
+    )
     assert train_clip.reuse_or_train(cfg, uri)["weights_sha256"] == summary["weights_sha256"]
-    common = [arg for item in [f"data.root={cfg.data.root}", "data.image_size=16", "data.num_train=48", "data.num_val=16",
-                                "data.samples_per_shard=16", "data.num_workers=0", "clip.train_steps=4", *TINY_CLIP]
-              for arg in ("--set", item)]
+    common = [arg for item in scenes_settings(cfg.data.root) for arg in ("--set", item)]
     measured = train_clip.main([*common, "--revalidate", "--tracking-uri", uri])  # measured again, weights untouched
     assert measured["validation"] == validation and measured["weights_sha256"] == summary["weights_sha256"]
     assert trained_clip(cfg.data.root)[0] is not None
@@ -92,13 +107,25 @@ def two_colour_set(root, n_train=96, n_val=32, size=16):
 
 def test_a_short_training_scores_own_captions_above_shuffled_ones(tmp_path):
     two_colour_set(tmp_path / "toy")
-    cfg = load_config(None, [f"data.root={tmp_path / 'toy'}", "data.image_size=16", "data.num_workers=0",
-                             "data.shuffle_buffer=96", "clip.train_steps=60", "clip.lr=2.0e-3", *TINY_CLIP])
+    cfg = load_config(
+        None,
+        [
+            f"data.root={tmp_path / 'toy'}",
+            "data.image_size=16",
+            "data.num_workers=0",
+            "data.shuffle_buffer=96",
+            "clip.train_steps=60",
+            "clip.lr=2.0e-3",
+            *TINY_CLIP,
+        ],
+    )
     summary = train_clip.train_and_save(cfg, f"sqlite:///{tmp_path / 'mlruns.db'}")
 
     validation = summary["validation"]
     assert validation["own_vs_shuffled"]["gap"]["low"] > 5  # own captions clearly above shuffled ones
-    assert validation["retrieval"]["image_to_text"] > 0.9 and validation["retrieval"]["chance"] == pytest.approx(0.5, abs=0.02)
+    assert validation["retrieval"]["image_to_text"] > 0.9 and validation["retrieval"]["chance"] == pytest.approx(
+        0.5, abs=0.02
+    )
     assert "attribute_swaps" not in validation  # no scene attributes to swap on a foreign dataset
 
     # the same validation of the same CLIP untrained: no gap to speak of
@@ -115,7 +142,9 @@ def test_attribute_swaps_change_exactly_one_attribute():
     for index in range(50):
         scene = make_scene(3, index, max_objects=3)
         for attribute in clip_validation.ATTRIBUTES:
-            before, after = (re.split(r", | and ", c) for c in (scene.caption, clip_validation.swapped(scene, attribute, rng)))
+            before, after = (
+                re.split(r", | and ", c) for c in (scene.caption, clip_validation.swapped(scene, attribute, rng))
+            )
             (k,) = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]  # one object's description changed
             words = before[k].split()[1:4]  # size, colour, shape
             changed_words = after[k].split()[1:4]

@@ -26,19 +26,51 @@ def free_port() -> int:
 
 
 def test_ray_job_submit_trains_and_tracks(tmp_path):
-    overrides = {"data.root": tmp_path / "scenes", "text.cache_dir": tmp_path / "text",
-                 "train.storage_path": tmp_path / "runs", "train.steps": 4, "train.num_workers": 1}
+    overrides = {
+        "data.root": tmp_path / "scenes",
+        "text.cache_dir": tmp_path / "text",
+        "train.storage_path": tmp_path / "runs",
+        "train.steps": 4,
+        "train.num_workers": 1,
+    }
     sets = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
     prepare_data.main(["--config", str(TINY), *sets])
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     state = tmp_path / "head.json"
-    info = cluster.up(num_cpus=2, port=free_port(), dashboard_port=free_port(), client_port=free_port(),
-                      agent_port=free_port(), temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), state=state)
+    info = cluster.up(
+        num_cpus=2,
+        port=free_port(),
+        dashboard_port=free_port(),
+        client_port=free_port(),
+        agent_port=free_port(),
+        temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+        state=state,
+    )
     try:
-        job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", info["address"],
-                              "--working-dir", str(ROOT), "--", "python", "-m", "experiments.train",
-                              "--config", "tests/tiny_train.yaml", *sets, "--tracking-uri", uri],
-                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+        job = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "ray"),
+                "job",
+                "submit",
+                "--address",
+                info["address"],
+                "--working-dir",
+                str(ROOT),
+                "--",
+                "python",
+                "-m",
+                "experiments.train",
+                "--config",
+                "tests/tiny_train.yaml",
+                *sets,
+                "--tracking-uri",
+                uri,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
         assert job.returncode == 0 and "succeeded" in job.stdout.lower(), job.stdout[-3000:] + job.stderr[-3000:]
     finally:
         cluster.down(state=state)
@@ -63,7 +95,10 @@ def test_cluster_yaml_matches_rays_schema():
     with pytest.raises(Exception, match="bogus"):  # the check is real: a stray key is refused
         validate_config(prepare_config({**config, "bogus": 1}))
     workers = config["available_node_types"]
-    assert any(node["resources"].get("GPU", 0) > 0 and node["max_workers"] > node["min_workers"]
-               for node in workers.values())
+    assert any(
+        node["resources"].get("GPU", 0) > 0 and node["max_workers"] > node["min_workers"] for node in workers.values()
+    )
     text = (ROOT / "cluster.yaml").read_text().lower()
-    assert not any(key in text for key in ("aws_secret_access_key", "aws_access_key_id", "password", "api_key", "token:"))
+    assert not any(
+        key in text for key in ("aws_secret_access_key", "aws_access_key_id", "password", "api_key", "token:")
+    )

@@ -56,7 +56,9 @@ def test_out_of_range_names_field():
 def test_impossible_combinations_name_fields():
     msg = refused({}, ["data.image_size=30", "model.patch_size=4"])
     assert "data.image_size=30" in msg and "patch_size" in msg
-    msg = refused({"autoencoder": {"kind": "trained", "factor": 4}, "data": {"image_size": 24}, "model": {"patch_size": 4}})
+    msg = refused(
+        {"autoencoder": {"kind": "trained", "factor": 4}, "data": {"image_size": 24}, "model": {"patch_size": 4}}
+    )
     assert "data.image_size=24" in msg
     assert "model.num_heads" in refused({}, ["model.width=100", "model.num_heads=3"])
     assert "model.block=cross" in refused({}, ["model.block=cross", "model.sdpa_layout=seq_first"])
@@ -94,7 +96,9 @@ def test_load_config_file_name_and_overrides(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "experiments" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent.parent / "experiments" / "configs").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     assert cfg.name == path.stem and cfg.model.num_patches > 0

@@ -13,12 +13,19 @@ from PIL import Image
 from mmdit_core.config import DataConfig
 from mmdit_core.data.images import to_tensor
 from mmdit_core.data.scenes import PALETTE, describe, make_scene, render
-from mmdit_core.data.shards import (SkipCounts, ShardStream, encode_sample, make_loader, read_manifest, split_shards,
-                                    write_dataset)
+from mmdit_core.data.shards import (
+    ShardStream,
+    SkipCounts,
+    encode_sample,
+    make_loader,
+    read_manifest,
+    split_shards,
+    write_dataset,
+)
 from mmdit_core.data.sources import DEFAULT_PATHS, FASHION_CAPTIONS, records
 
-
 # ---- scenes -------------------------------------------------------------------------------------
+
 
 def test_scenes_are_deterministic():
     a, b = make_scene(3, 17), make_scene(3, 17)
@@ -40,11 +47,17 @@ def test_attributes_agree_with_pixels():
 
 
 def test_positions_are_jittered_within_cells():
-    centres = {(round(o.cx, 3), round(o.cy, 3)) for i in range(60) for o in make_scene(1, i).objects if (o.row, o.col) == (1, 1)}
+    centres = {
+        (round(o.cx, 3), round(o.cy, 3))
+        for i in range(60)
+        for o in make_scene(1, i).objects
+        if (o.row, o.col) == (1, 1)
+    }
     assert len(centres) > 5
 
 
 # ---- shards -------------------------------------------------------------------------------------
+
 
 def scene_samples(n: int, start: int = 0, size: int = 16):
     for i in range(start, start + n):
@@ -141,11 +154,21 @@ def test_corrupt_data_is_skipped_counted_and_never_hangs(dataset, tmp_path):
     Path(truncated).write_bytes(data[: len(data) // 2])
     good = encode_sample("g1", render(make_scene(0, 0), 16), "a caption")
     bad = tmp_path / "bad.tar"
-    write_tar(bad, {"b1.png": b"not a png", "b1.txt": b"bad bytes",
-                    "b2.png": good["png"], "b2.txt": b"   ",
-                    "b3.png": good["png"],
-                    "b4.png": good["png"], "b4.txt": b"fine", "b4.json": b"{not json",
-                    "g1.png": good["png"], "g1.txt": good["txt"]})
+    write_tar(
+        bad,
+        {
+            "b1.png": b"not a png",
+            "b1.txt": b"bad bytes",
+            "b2.png": good["png"],
+            "b2.txt": b"   ",
+            "b3.png": good["png"],
+            "b4.png": good["png"],
+            "b4.txt": b"fine",
+            "b4.json": b"{not json",
+            "g1.png": good["png"],
+            "g1.txt": good["txt"],
+        },
+    )
     (tmp_path / "garbage.tar").write_bytes(b"\x00garbage" * 100)
     counts = SkipCounts()
     loader = make_loader({**urls, str(bad): 5, str(tmp_path / "garbage.tar"): 1}, 4, num_workers=2, counts=counts)
@@ -171,12 +194,23 @@ def encoded(image: Image.Image, fmt: str) -> bytes:
 def test_any_image_format_is_read_and_a_foreign_size_never_reaches_a_batch(tmp_path):
     scene = render(make_scene(0, 0), 16)
     shard = tmp_path / "foreign.tar"
-    write_tar(shard, {"a.jpg": encoded(scene, "JPEG"), "a.txt": b"a jpeg",
-                      "b.png": encoded(scene.convert("L"), "PNG"), "b.txt": b"a grey png",
-                      "c.webp": encoded(scene.convert("RGBA"), "WEBP"), "c.txt": b"an rgba webp",
-                      "d.jpg": encoded(render(make_scene(0, 1), 24), "JPEG"), "d.txt": b"another size",
-                      "e.jpg": encoded(scene, "JPEG"), "e.txt": "caf\xe9".encode("latin-1"),
-                      "f.gif.json": b"{}", "f.txt": b"no image at all"})
+    write_tar(
+        shard,
+        {
+            "a.jpg": encoded(scene, "JPEG"),
+            "a.txt": b"a jpeg",
+            "b.png": encoded(scene.convert("L"), "PNG"),
+            "b.txt": b"a grey png",
+            "c.webp": encoded(scene.convert("RGBA"), "WEBP"),
+            "c.txt": b"an rgba webp",
+            "d.jpg": encoded(render(make_scene(0, 1), 24), "JPEG"),
+            "d.txt": b"another size",
+            "e.jpg": encoded(scene, "JPEG"),
+            "e.txt": "caf\xe9".encode("latin-1"),
+            "f.gif.json": b"{}",
+            "f.txt": b"no image at all",
+        },
+    )
     counts = SkipCounts()
     batches = list(make_loader([str(shard)], 8, counts=counts, image_size=16))
     assert [k for b in batches for k in b["key"]] == ["a", "b", "c"] and batches[0]["image"].shape == (3, 3, 16, 16)
@@ -189,6 +223,7 @@ def test_any_image_format_is_read_and_a_foreign_size_never_reaches_a_batch(tmp_p
 
 
 # ---- importers ----------------------------------------------------------------------------------
+
 
 def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
@@ -221,7 +256,9 @@ def test_folder_importer_reads_txt_csv_and_jsonl(tmp_path):
     assert len(train) == 4 and len(val) == 2 and {r[2] for r in train + val} == {f"caption {i}" for i in range(6)}
     assert train[0][1].size == (16, 16)
     (tmp_path / "list.csv").write_text("path,caption\n" + "".join(f"imgs/im{i}.png,row {i}\n" for i in range(4)))
-    (tmp_path / "list.jsonl").write_text("".join(json.dumps({"path": f"imgs/im{i}.png", "caption": f"row {i}"}) + "\n" for i in range(4)))
+    (tmp_path / "list.jsonl").write_text(
+        "".join(json.dumps({"path": f"imgs/im{i}.png", "caption": f"row {i}"}) + "\n" for i in range(4))
+    )
     for listing in ("list.csv", "list.jsonl"):
         cfg = DataConfig(source="folder", import_path=str(tmp_path / listing), image_size=16, num_train=10, num_val=1)
         assert sorted(r[2] for r in [*records(cfg, "train"), *records(cfg, "val")]) == [f"row {i}" for i in range(4)]
@@ -237,15 +274,27 @@ def test_a_class_sorted_folder_gives_every_split_every_class_interleaved(tmp_pat
         for k in range(20):
             Image.new("RGB", (8, 8), (25 * c, 0, 0)).save(folder / f"{c}_{k:04d}.png")
             (folder / f"{c}_{k:04d}.txt").write_text(f"digit {c}")
-    cfg = load_config(None, ["data.source=folder", f"data.import_path={folder}", f"data.root={tmp_path / 'ds'}",
-                             "data.image_size=8", "data.num_train=100", "data.num_val=20", "data.samples_per_shard=25"])
+    cfg = load_config(
+        None,
+        [
+            "data.source=folder",
+            f"data.import_path={folder}",
+            f"data.root={tmp_path / 'ds'}",
+            "data.image_size=8",
+            "data.num_train=100",
+            "data.num_val=20",
+            "data.samples_per_shard=25",
+        ],
+    )
     manifest = prepare(cfg)
     assert manifest["available"] == 200 and manifest["splits"]["train"]["samples"] == 100
     for split, n in (("train", 100), ("val", 20)):
         classes = Counter(r[2] for r in records(cfg.data, split))
         assert sum(classes.values()) == n and (len(classes) == 10 or split == "val" and len(classes) >= 7)
         assert split == "val" or min(classes.values()) >= n / 10 / 2  # in proportion, not the first classes whole
-    first_shard = Counter(b for batch in make_loader([sorted(split_shards(cfg.data.root, "train"))[0]], 25) for b in batch["caption"])
+    first_shard = Counter(
+        b for batch in make_loader([sorted(split_shards(cfg.data.root, "train"))[0]], 25) for b in batch["caption"]
+    )
     assert len(first_shard) >= 6  # classes interleaved across shards
     train_keys = {r[0] for r in records(cfg.data, "train")}
     assert not train_keys & {r[0] for r in records(cfg.data, "val")}
@@ -265,7 +314,9 @@ def test_evaluation_samples_a_split_at_random_however_its_shards_were_written(tm
     assert len(captions) == 20 and len(set(captions)) >= 7  # the first 20 would be one class
     assert read_split(str(tmp_path / "ds"), "val", 20, seed=0)[1] == captions  # seeded
     assert read_split(str(tmp_path / "ds"), "val", 20, seed=1)[1] != captions
-    assert sorted(read_split(str(tmp_path / "ds"), "val", 500, seed=0)[1]) == sorted(f"digit {c}" for c in range(10) for _ in range(20))
+    assert sorted(read_split(str(tmp_path / "ds"), "val", 500, seed=0)[1]) == sorted(
+        f"digit {c}" for c in range(10) for _ in range(20)
+    )
     out = tmp_path / "pngs"
     out.mkdir()
     assert write_split_images(tmp_path / "ds", "val", 20, 0, out) == 20
@@ -276,7 +327,7 @@ def test_evaluation_samples_a_split_at_random_however_its_shards_were_written(tm
 @pytest.mark.skipif(not Path(DEFAULT_PATHS["emoji"]).exists(), reason="fonts-noto-color-emoji is not installed")
 def test_emoji_importer():
     cfg = DataConfig(source="emoji", image_size=32, num_train=1, num_val=1)
-    (key, image, caption, attributes), = records(cfg, "train")
+    ((key, image, caption, attributes),) = records(cfg, "train")
     assert image.size == (32, 32) and caption and chr(attributes["codepoint"])
     assert np.asarray(image).std() > 10  # something coloured was drawn
 

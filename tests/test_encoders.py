@@ -1,13 +1,19 @@
 import pytest
 import torch
-
+from conftest import tiny_clip_config
 from PIL import Image
 
 from mmdit_core.autoencoder import Autoencoder, build_vae, foreground_weights, identity_key, vae_loss
 from mmdit_core.config import AutoencoderConfig, TextConfig, build_config
-from mmdit_core.data.latents import StaleCacheError, cache_components, check_latent_cache, decode_latent_sample, write_latent_cache
-from mmdit_core.data.scenes import PLAIN_BACKGROUND, make_scene, render
 from mmdit_core.data.images import to_tensor
+from mmdit_core.data.latents import (
+    StaleCacheError,
+    cache_components,
+    check_latent_cache,
+    decode_latent_sample,
+    write_latent_cache,
+)
+from mmdit_core.data.scenes import PLAIN_BACKGROUND, make_scene, render
 from mmdit_core.data.shards import ShardStream, encode_sample, make_loader, read_manifest, split_shards, write_dataset
 from mmdit_core.text import TextEncoder
 
@@ -46,7 +52,9 @@ def test_text_dim_mismatch_is_named():
 
 
 def tiny_ae_config(path, kind="trained") -> AutoencoderConfig:
-    return AutoencoderConfig(kind=kind, path=str(path), latent_channels=4, factor=2, block_out_channels=[8, 8], layers_per_block=1)
+    return AutoencoderConfig(
+        kind=kind, path=str(path), latent_channels=4, factor=2, block_out_channels=[8, 8], layers_per_block=1
+    )
 
 
 def test_autoencoder_trains_and_round_trips_through_from_pretrained(tmp_path):
@@ -80,7 +88,7 @@ def test_foreground_weights_mark_the_objects_of_a_scene():
     pixels = torch.stack([to_tensor(render(make_scene(0, i), 32)) for i in range(4)])
     weights = foreground_weights(pixels, 5.0)  # (B, 1, H, W)
     background = to_tensor(Image.new("RGB", (32, 32), PLAIN_BACKGROUND))
-    on_background = ((pixels - background).abs().sum(1, keepdim=True) < 1e-6)
+    on_background = (pixels - background).abs().sum(1, keepdim=True) < 1e-6
     assert weights.shape == (4, 1, 32, 32) and set(weights.unique().tolist()) == {1.0, 5.0}
     assert (weights[on_background] == 1).all() and (weights[~on_background] == 5).float().mean() > 0.9
     assert torch.equal(foreground_weights(pixels, 1.0), torch.ones_like(weights))
@@ -89,7 +97,9 @@ def test_foreground_weights_mark_the_objects_of_a_scene():
 def test_pretrained_autoencoder_by_path_and_shape_checks(tmp_path):
     """A tiny random AutoencoderKL saved to disk stands in for a hub VAE (nothing downloads here)."""
     build_vae(tiny_ae_config(tmp_path)).save_pretrained(tmp_path / "vae")
-    ae = Autoencoder.load(tiny_ae_config(tmp_path, kind="pretrained").model_copy(update={"path": str(tmp_path), "subfolder": "vae"}))
+    ae = Autoencoder.load(
+        tiny_ae_config(tmp_path, kind="pretrained").model_copy(update={"path": str(tmp_path), "subfolder": "vae"})
+    )
     assert ae.encode(torch.zeros(1, 3, 8, 8)).shape == (1, 4, 4, 4)
     bad = tiny_ae_config(tmp_path / "vae", kind="pretrained").model_copy(update={"latent_channels": 8})
     with pytest.raises(ValueError, match="autoencoder.latent_channels=8"):
@@ -102,12 +112,26 @@ def test_pretrained_autoencoder_by_path_and_shape_checks(tmp_path):
 
 
 def test_latent_cache_round_trip_and_stale_cache_refused(tmp_path, encoder):
-    write_dataset(tmp_path / "ds", {"train": (encode_sample(f"k{i}", render(make_scene(0, i), 16), make_scene(0, i).caption)
-                                              for i in range(6))}, 4, {})
+    write_dataset(
+        tmp_path / "ds",
+        {"train": (encode_sample(f"k{i}", render(make_scene(0, i), 16), make_scene(0, i).caption) for i in range(6))},
+        4,
+        {},
+    )
     build_vae(tiny_ae_config(tmp_path)).save_pretrained(tmp_path / "ae")
-    cfg = build_config({"data": {"root": str(tmp_path / "ds"), "image_size": 16},
-                        "autoencoder": {"kind": "trained", "path": str(tmp_path / "ae"), "factor": 2, "latent_channels": 4, "block_out_channels": [8, 8]},
-                        "text": {"cache_dir": encoder.cfg.cache_dir}})
+    cfg = build_config(
+        {
+            "data": {"root": str(tmp_path / "ds"), "image_size": 16},
+            "autoencoder": {
+                "kind": "trained",
+                "path": str(tmp_path / "ae"),
+                "factor": 2,
+                "latent_channels": 4,
+                "block_out_channels": [8, 8],
+            },
+            "text": {"cache_dir": encoder.cfg.cache_dir},
+        }
+    )
     autoencoder = Autoencoder.load(cfg.autoencoder)
     batches = make_loader(split_shards(cfg.data.root, "train"), 4)
     write_latent_cache(cfg, tmp_path / "cache", batches, autoencoder, encoder)
@@ -132,16 +156,15 @@ def test_latent_cache_round_trip_and_stale_cache_refused(tmp_path, encoder):
 
 @pytest.mark.parametrize("kind", ["clip", "t5"])
 def test_clip_and_t5_checkpoints_load_their_text_tower(tmp_path, encoder, kind):
-    from transformers import CLIPModel, CLIPConfig, T5Config, T5ForConditionalGeneration
+    from transformers import CLIPModel, T5Config, T5ForConditionalGeneration
 
     vocab = encoder.tokenizer.vocab_size
     if kind == "clip":  # a full CLIP (text + vision), as on the hub: only the text tower must load
-        model = CLIPModel(CLIPConfig(text_config={"vocab_size": vocab, "hidden_size": 16, "intermediate_size": 32,
-                                                  "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64},
-                                     vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 16}))
+        model = CLIPModel(tiny_clip_config(vocab, max_position_embeddings=64))
     else:  # a full T5 (encoder + decoder): only the encoder must load
-        model = T5ForConditionalGeneration(T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+        model = T5ForConditionalGeneration(
+            T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+        )
     model.save_pretrained(tmp_path)
     encoder.tokenizer.save_pretrained(tmp_path)
     tiny = TextEncoder(TextConfig(encoder=str(tmp_path), dim=16, max_length=12, cache_dir=None))

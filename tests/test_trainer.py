@@ -2,29 +2,36 @@
 
 import pytest
 import torch
-
 from conftest import random_conditioning
+
 from mmdit_core.autoencoder import Autoencoder, build_vae
 from mmdit_core.config import AutoencoderConfig, build_config
 from mmdit_core.data.scenes import make_scene, render
-from mmdit_core.data.shards import ShardStream, StreamPosition, collate, encode_sample, write_dataset, split_shards
+from mmdit_core.data.shards import ShardStream, StreamPosition, collate, encode_sample, split_shards, write_dataset
 from mmdit_core.flow import RectifiedFlow
 from mmdit_core.model import MMDiT
 from mmdit_core.trainer import NonFiniteError, Trainer
 
 
 def make_trainer(max_nonfinite=2, seed=0, rank=0, compile="none"):
-    cfg = build_config({"model": {"width": 32, "depth": 2, "num_heads": 2, "patch_size": 2},
-                        "data": {"image_size": 8, "channels": 4}, "text": {"dim": 16},
-                        "train": {"max_nonfinite": max_nonfinite, "seed": seed, "warmup_steps": 2, "compile": compile}})
+    cfg = build_config(
+        {
+            "model": {"width": 32, "depth": 2, "num_heads": 2, "patch_size": 2},
+            "data": {"image_size": 8, "channels": 4},
+            "text": {"dim": 16},
+            "train": {"max_nonfinite": max_nonfinite, "seed": seed, "warmup_steps": 2, "compile": compile},
+        }
+    )
     torch.manual_seed(0)
     model = MMDiT(cfg.model)
     return Trainer(cfg, model, RectifiedFlow(cfg.flow), random_conditioning(1, seed=9), rank=rank)
 
 
 def snapshot(trainer):
-    return ({k: v.clone() for k, v in trainer.module.state_dict().items()},
-            {k: v.clone() for k, v in trainer.ema.tensors().items()})
+    return (
+        {k: v.clone() for k, v in trainer.module.state_dict().items()},
+        {k: v.clone() for k, v in trainer.ema.tensors().items()},
+    )
 
 
 def batch(seed, valid=None):
@@ -129,9 +136,16 @@ def test_image_space_loss_backpropagates_through_the_frozen_decoder_and_never_up
     torch.manual_seed(1)
     autoencoder = Autoencoder(ae_cfg, build_vae(ae_cfg))
     decoder = {k: v.clone() for k, v in autoencoder.vae.state_dict().items()}
-    cfg = build_config({"model": {"width": 32, "depth": 2, "num_heads": 2, "patch_size": 2},
-                        "data": {"image_size": 16}, "autoencoder": ae_cfg.model_dump(), "text": {"dim": 16},
-                        "flow": {"loss_space": "image", "cfg_dropout": 0.0}, "train": {"warmup_steps": 1}})
+    cfg = build_config(
+        {
+            "model": {"width": 32, "depth": 2, "num_heads": 2, "patch_size": 2},
+            "data": {"image_size": 16},
+            "autoencoder": ae_cfg.model_dump(),
+            "text": {"dim": 16},
+            "flow": {"loss_space": "image", "cfg_dropout": 0.0},
+            "train": {"warmup_steps": 1},
+        }
+    )
     torch.manual_seed(0)
     model = MMDiT(cfg.model)
     flow = RectifiedFlow(cfg.flow, decode=autoencoder.decode)

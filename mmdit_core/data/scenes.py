@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from ..config import DataConfig
-from .images import to_tensor
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 90, 230), "yellow": (240, 215, 30),
@@ -136,10 +134,3 @@ def render(scene: Scene, size: int) -> Image.Image:
 def split_indices(cfg: DataConfig, split: str) -> range:
     """Scene indices of a split: train and val are disjoint ranges of the same seeded stream."""
     return range(cfg.num_train) if split == "train" else range(cfg.num_train, cfg.num_train + cfg.num_val)
-
-
-def render_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, list[str], list[Scene]]:
-    """A whole split in memory: images (N, 3, S, S) in [-1, 1], captions, scenes."""
-    scenes = [make_scene(cfg.seed, i, cfg.min_objects, cfg.max_objects, cfg.background) for i in split_indices(cfg, split)]
-    images = torch.stack([to_tensor(render(s, cfg.image_size)) for s in scenes])
-    return images, [s.caption for s in scenes], scenes

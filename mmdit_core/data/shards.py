@@ -295,15 +295,11 @@ class ShardStream(IterableDataset):
         self.skip, self.first_worker = skip, first_worker
         self.counts = counts if counts is not None else SkipCounts()
         self.transform = transform
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def _shards(self, me: Consumer) -> tuple[Iterable[dict[str, str]], Callable[[int], bool]]:
         """The shards this consumer opens, and which of their samples (by position) it keeps."""
         if self.resampled:
-            rng = random.Random(f"{self.seed}/{me.index}/{self.epoch}")
+            rng = random.Random(f"{self.seed}/{me.index}")
             return ({"url": rng.choice(self.urls)} for _ in itertools.count()), lambda i: True
         if len(self.urls) >= me.count:
             return [{"url": u} for u in self.urls[me.index::me.count]], lambda i: True
@@ -330,7 +326,7 @@ class ShardStream(IterableDataset):
         shards, keep = self._shards(me)
         stream: Iterator[dict[str, Any]] = (s for i, s in enumerate(self._samples(shards)) if keep(i))
         if self.shuffle > 1:
-            rng = random.Random(f"shuffle/{self.seed}/{me.index}/{self.epoch}")
+            rng = random.Random(f"shuffle/{self.seed}/{me.index}")
             stream = _shuffle(stream, bufsize=self.shuffle, initial=self.shuffle, rng=rng)
         for index, sample in enumerate(stream):
             if index < skip:

@@ -66,7 +66,7 @@ def loss_curve(steps: list[int], losses: list[float], path: str | Path, val: dic
     ax.plot(steps, losses, alpha=0.3, label="train loss")
     window = max(1, len(losses) // 20)
     smooth = torch.tensor(losses).unfold(0, window, 1).mean(1).tolist() if len(losses) >= window else losses
-    ax.plot(steps[window - 1:], smooth, label=f"mean of {window}")
+    ax.plot(steps[window - 1 :], smooth, label=f"mean of {window}")
     ax.set(xlabel="step", ylabel="loss", yscale="log")
     ax.legend()
     if val:
@@ -80,9 +80,13 @@ def loss_curve(steps: list[int], losses: list[float], path: str | Path, val: dic
 def eval_curves(points: list[dict], path: str | Path) -> None:
     """FID (and whole-caption adherence, when scored) against CFG scale and against sampling steps: one
     line per fixed value of the other settings. Points are {sampler, steps, cfg_scale, metrics}."""
-    rows = [("fid", "FID")] + ([("adherence_whole", "whole-caption adherence")] if "adherence_whole" in points[0]["metrics"] else [])
+    rows = [("fid", "FID")] + (
+        [("adherence_whole", "whole-caption adherence")] if "adherence_whole" in points[0]["metrics"] else []
+    )
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.3 * len(rows)), squeeze=False)
-    for col, (axis, other, label) in enumerate((("cfg_scale", "steps", "CFG scale"), ("steps", "cfg_scale", "sampling steps"))):
+    for col, (axis, other, label) in enumerate(
+        (("cfg_scale", "steps", "CFG scale"), ("steps", "cfg_scale", "sampling steps"))
+    ):
         lines: dict[tuple, list[dict]] = {}
         for p in points:
             lines.setdefault((p["sampler"], p[other]), []).append(p)
@@ -90,8 +94,12 @@ def eval_curves(points: list[dict], path: str | Path) -> None:
             ax = axes[row, col]
             for (sampler, fixed), members in sorted(lines.items()):
                 members = sorted(members, key=lambda p: p[axis])
-                ax.plot([p[axis] for p in members], [p["metrics"][metric] for p in members], marker="o",
-                        label=f"{sampler}, {'steps' if other == 'steps' else 'CFG'} {fixed:g}")
+                ax.plot(
+                    [p[axis] for p in members],
+                    [p["metrics"][metric] for p in members],
+                    marker="o",
+                    label=f"{sampler}, {'steps' if other == 'steps' else 'CFG'} {fixed:g}",
+                )
             ax.set(xlabel=label, ylabel=name)
             ax.legend(fontsize=7)
     fig.tight_layout()
