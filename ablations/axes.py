@@ -52,10 +52,11 @@ AXES: dict[str, Axis] = {
             "pos_emb",
             "training",
             "model.pos_emb",
-            ("learned", "sincos", "rope2d", "none"),
+            ("learned", "sincos", "rope2d", "msrope", "none"),
             "learned",
-            "how image tokens know where they are: learned table, fixed 2-D sin-cos, 2-D RoPE, or nothing",
-            f"{HAND_BUILT} (leaving them out was a disaster); DiT (sin-cos); Flux and Qwen-Image (RoPE)",
+            "how tokens know where they are: learned table, fixed 2-D sin-cos, 2-D RoPE on image tokens, "
+            "MSRoPE (image and text in one rotary frame), or nothing",
+            f"{HAND_BUILT} (leaving them out was a disaster); DiT (sin-cos); Flux (RoPE); Qwen-Image (MSRoPE)",
         ),
         Axis(
             "loss_space",

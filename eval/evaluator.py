@@ -135,7 +135,8 @@ class Evaluator:
         # the oracle on the real held-out images at this resolution: the ceiling a model's adherence is read against
         self.oracle = score_batch(pixels, self.scenes[: len(pixels)]).as_dict() if self.scenes is not None else None
         self.cond, self.null = encoder.encode(self.captions), encoder.null()
-        latent_shape = autoencoder.encode(pixels[:1].to(self.device)).shape[1:]
+        side = cfg.eval.image_size or cfg.data.image_size  # another side than the data's: resolution transfer
+        latent_shape = autoencoder.encode(torch.zeros(1, 3, side, side, device=self.device)).shape[1:]
         self.noise = torch.randn((num_samples, *latent_shape), generator=torch.Generator().manual_seed(cfg.sample.seed))
         self.inception = Inception(self.device)
         self.reference, self.reference_key = reference_statistics(cfg, self.inception, num_samples, verbose)
@@ -246,6 +247,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"FID is biased upward at small N: compare rows with the same N only. Real images of the "
         f"{report['real_vs_real']['split']} split score FID {report['real_vs_real']['fid']:.2f}, KID ×10³ "
         f"{1e3 * report['real_vs_real']['kid']:.2f} (N={report['real_vs_real']['images']}): the floor at this N.",
+        *(
+            [
+                f"Sampled at {report['transfer_size']}×{report['transfer_size']}, another side than the data's "
+                "(resolution transfer); FID and KID compare them with the data's images at Inception's 299×299."
+            ]
+            if report["transfer_size"]
+            else []
+        ),
         "",
     ]
     header = [field.label for field in GRID.values()] + [f"FID (N={n})", "KID ×10³"]
@@ -315,7 +324,8 @@ def evaluate_checkpoint(
     model = MMDiT(cfg.model)
     step = load_checkpoint(path, model=model, weights=cfg.eval.weights).step
     model.to(device).eval()
-    out = Path(out) if out else path.parent / "eval" / f"step_{step:06d}"
+    transfer = f"_{cfg.eval.image_size}px" if cfg.eval.image_size else ""
+    out = Path(out) if out else path.parent / "eval" / f"step_{step:06d}{transfer}"
     out.mkdir(parents=True, exist_ok=True)
     autoencoder = Autoencoder.load(cfg.autoencoder).to(device)
     encoder = TextEncoder(cfg.text, device)
@@ -332,6 +342,7 @@ def evaluate_checkpoint(
         "step": step,
         "weights": cfg.eval.weights,
         "num_samples": cfg.eval.num_samples,
+        "transfer_size": cfg.eval.image_size,  # sampled at another side than the data's (None: the data's)
         "reference": evaluator.reference_key,
         "real_vs_real": evaluator.floor,
         "oracle_on_real_images": evaluator.oracle,

@@ -37,6 +37,8 @@ def log_to_mlflow(uri: str, experiment: str, key: str, report: dict[str, Any]) -
     children = []
     for point in report["points"]:
         name = f"{point['name']}-n{report['num_samples']}-{report['weights']}"
+        if report["transfer_size"]:  # another resolution is another evaluation, never the same run
+            name += f"-{report['transfer_size']}px"
         setting = {field: point[field] for field in GRID}
         child = Tracker(
             uri,
@@ -52,6 +54,7 @@ def log_to_mlflow(uri: str, experiment: str, key: str, report: dict[str, Any]) -
         )
         child.log_params(
             {
+                "image_size": report["transfer_size"] or "data",
                 **setting,
                 "num_samples": report["num_samples"],
                 "weights": report["weights"],

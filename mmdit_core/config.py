@@ -51,7 +51,7 @@ class ModelConfig(Section):
     text_dim: int = Field(384, ge=1)
     # Ablation switches.
     sdpa_layout: Literal["heads_first", "seq_first"] = "heads_first"
-    pos_emb: Literal["learned", "sincos", "rope2d", "none"] = "rope2d"
+    pos_emb: Literal["learned", "sincos", "rope2d", "msrope", "none"] = "rope2d"
     pos_emb_init_std: float = Field(
         1.0,
         ge=0,
@@ -82,8 +82,13 @@ class ModelConfig(Section):
         head_dim = self.width // self.num_heads
         if self.pos_emb == "sincos" and self.width % 4:
             raise ValueError(f"model.pos_emb=sincos needs model.width divisible by 4 (got {self.width})")
-        if self.pos_emb == "rope2d" and head_dim % 4:
-            raise ValueError(f"model.pos_emb=rope2d needs a head dim divisible by 4 (got {head_dim})")
+        if self.pos_emb in ("rope2d", "msrope") and head_dim % 4:
+            raise ValueError(f"model.pos_emb={self.pos_emb} needs a head dim divisible by 4 (got {head_dim})")
+        if self.pos_emb == "msrope" and self.block != "joint":
+            raise ValueError(
+                f"model.pos_emb=msrope places image and text tokens in one frame of one joint attention; "
+                f"model.block={self.block} has no such attention (use rope2d for image-only rotary positions)"
+            )
         if self.input_size % self.patch_size:
             raise ValueError(
                 f"model.input_size={self.input_size} is not divisible by model.patch_size={self.patch_size}"
@@ -269,6 +274,12 @@ class EvalConfig(Section):
     reference_split: str = Field("train", min_length=1, description="dataset split of the FID reference statistics")
     stats_dir: str = Field("data/fid_stats", description="cache of reference statistics, keyed by data and protocol")
     weights: Literal["ema", "model"] = Field("ema", description="which weights of a checkpoint are evaluated")
+    image_size: int | None = Field(
+        None,
+        ge=4,
+        description="side of the sampled images (default data.image_size); "
+        "another side tests resolution transfer: the model samples another latent grid",
+    )
     clip_model: str | None = Field(
         TRAINED_CLIP,
         description="CLIP of the CLIP score: `trained` (the one experiments."
@@ -343,6 +354,12 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> ExperimentConfig:
+        step = self.latent_factor * self.model.patch_size
+        if self.eval.image_size is not None and self.eval.image_size % step:
+            raise ValueError(
+                f"eval.image_size={self.eval.image_size} is not divisible by model.patch_size × autoencoder "
+                f"factor = {step}"
+            )
         if self.eval.clip_model == TRAINED_CLIP and self.data.image_size % self.clip.patch_size:
             raise ValueError(
                 f"data.image_size={self.data.image_size} is not divisible by clip.patch_size={self.clip.patch_size}"

@@ -2,7 +2,7 @@
 
 Reads top to bottom: embeddings, attention, conditioning, blocks, the model. Each architecture
 ablation is one `ModelConfig` field, read in exactly one place below:
-  sdpa_layout -> attention()         pos_emb -> ImagePositions    time_cond -> make_conditioning()
+  sdpa_layout -> attention()         pos_emb -> Positions         time_cond -> make_conditioning()
   block       -> make_block()        qk_norm -> make_qk_norm()
 and one memory switch that leaves the function alone: activation_checkpointing -> MMDiT.forward().
 Shapes: B batch, C channels, N image tokens, L text tokens, S a sequence, W width, H heads, D head dim.
@@ -46,49 +46,92 @@ def grid_positions(grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.flatten(), cols.flatten()
 
 
-class RoPE2D(nn.Module):
-    """Axial 2-D rotary embedding: half of each head's channels rotate with the token's row, half with its column."""
-
-    def __init__(self, grid: int, head_dim: int, base: float = 10000.0):
-        super().__init__()
-        quarter = head_dim // 4
-        freqs = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
-        rows, cols = grid_positions(grid)
-        angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (N, D/2)
-        self.register_buffer("cos", angles.cos().float()[:, None], persistent=False)  # (N, 1, D/2)
-        self.register_buffer("sin", angles.sin().float()[:, None], persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, H, D) -> (B, N, H, D)
-        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # channel pairs, (B, N, H, D/2) each
-        rotated = torch.stack([x1 * self.cos - x2 * self.sin, x1 * self.sin + x2 * self.cos], dim=-1)
-        return rotated.flatten(-2).type_as(x)
+def axial_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, base: float = 10000.0):
+    """Rotation angles of axial 2-D RoPE at (row, col) positions: half of each head's channel pairs turn
+    with the row, half with the column. Returns cos and sin, (P, 1, D/2) each (broadcast over heads)."""
+    quarter = head_dim // 4
+    freqs = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    angles = torch.cat([rows.double()[:, None] * freqs, cols.double()[:, None] * freqs], dim=1)  # (P, D/2)
+    return angles.cos().float()[:, None], angles.sin().float()[:, None]
 
 
-class ImagePositions(nn.Module):
-    """`model.pos_emb`: where image tokens learn their place.
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # (B, P, H, D)
+    """Each channel pair (2i, 2i+1) of each token turned by its angle: a rotation, so norms are kept."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, P, H, D/2) each
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
 
-    learned: a trained table added to the tokens (the write-up's fix); sincos: a fixed 2-D table;
-    rope2d: no table, queries and keys rotate by position in every attention; none: no position at all.
+
+class Rotary:
+    """The rotations of one forward pass: image tokens' queries and keys, and text tokens' (msrope only)."""
+
+    def __init__(self, image=None, text=None):
+        self.image_angles, self.text_angles = image, text
+
+    def image(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, H, D)
+        return x if self.image_angles is None else rotate_pairs(x, *self.image_angles)
+
+    def text(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, H, D)
+        return x if self.text_angles is None else rotate_pairs(x, *self.text_angles)
+
+
+class Positions(nn.Module):
+    """`model.pos_emb`: where tokens learn their place, on the grid the input has (the trained one, or
+    another at sampling time).
+
+    learned: a trained table added to the image tokens (the write-up's fix; resized bicubically for
+    another grid); sincos: a fixed 2-D table; rope2d: no table, image queries and keys rotate by
+    (row, column) in every attention; msrope (Qwen-Image's MSRoPE): image tokens rotate by (row, column)
+    measured from the image centre, and text tokens too, on the diagonal just past the image (token i
+    at (g/2 + i, g/2 + i)), so text positions act as 1-D RoPE and never coincide with image ones;
+    none: no position at all.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        grid = cfg.input_size // cfg.patch_size
-        self.rope = RoPE2D(grid, cfg.head_dim) if cfg.pos_emb == "rope2d" else None
+        self.kind, self.width, self.head_dim = cfg.pos_emb, cfg.width, cfg.head_dim
+        self.grid = cfg.input_size // cfg.patch_size  # the trained grid
+        self.cache: dict[tuple, object] = {}  # fixed tables and rotations, per grid, text length and device
         if cfg.pos_emb == "learned":
-            self.table = nn.Parameter(torch.randn(1, grid * grid, cfg.width) * cfg.pos_emb_init_std)
-        elif cfg.pos_emb == "sincos":
+            self.table = nn.Parameter(torch.randn(1, self.grid**2, cfg.width) * cfg.pos_emb_init_std)
+
+    def add(self, x: torch.Tensor, grid: int) -> torch.Tensor:  # (B, N, W)
+        if self.kind == "learned":
+            table = self.table
+            if grid != self.grid:
+                square = table.transpose(1, 2).unflatten(-1, (self.grid, self.grid))  # (1, W, g, g)
+                table = F.interpolate(square, size=(grid, grid), mode="bicubic", align_corners=False)
+                table = table.flatten(2).transpose(1, 2)
+            return x + table
+        if self.kind == "sincos":
+            key = ("sincos", grid, x.device, x.dtype)
+            if key not in self.cache:
+                rows, cols = grid_positions(grid)
+                table = torch.cat([sincos_1d(rows, self.width // 2), sincos_1d(cols, self.width // 2)], dim=1)
+                self.cache[key] = table.to(x)[None]  # (1, N, W)
+            return x + self.cache[key]
+        return x
+
+    def rotary(self, grid: int, text_tokens: int, device: torch.device) -> Rotary:
+        key = ("rotary", grid, text_tokens if self.kind == "msrope" else 0, device)
+        if key not in self.cache:
+            self.cache[key] = self._rotary(grid, text_tokens, device)
+        return self.cache[key]
+
+    def _rotary(self, grid: int, text_tokens: int, device: torch.device) -> Rotary:
+        if self.kind == "rope2d":
+            return Rotary(image=self._angles(*grid_positions(grid), device))
+        if self.kind == "msrope":
             rows, cols = grid_positions(grid)
-            table = torch.cat([sincos_1d(rows, cfg.width // 2), sincos_1d(cols, cfg.width // 2)], dim=1)
-            self.register_buffer("table", table.float()[None], persistent=False)  # (1, N, W)
-        else:
-            self.table = None
+            centre = (grid - 1) / 2
+            diagonal = grid / 2 + torch.arange(text_tokens, dtype=torch.float64)
+            return Rotary(
+                image=self._angles(rows - centre, cols - centre, device), text=self._angles(diagonal, diagonal, device)
+            )
+        return Rotary()
 
-    def add(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, W)
-        return x if self.table is None else x + self.table
-
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, H, D)
-        return x if self.rope is None else self.rope(x)
+    def _angles(self, rows: torch.Tensor, cols: torch.Tensor, device: torch.device):
+        return tuple(a.to(device) for a in axial_angles(rows, cols, self.head_dim))
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -225,12 +268,12 @@ class JointBlock(nn.Module):
         self.text = Stream(cfg, sites=1 if last else 2, output=not last)
         self.last = last
 
-    def forward(self, img, ctx, c, text_mask, rotate):  # img (B, N, W), ctx (B, L, W), c (B, W)
+    def forward(self, img, ctx, c, text_mask, rotary):  # img (B, N, W), ctx (B, L, W), c (B, W)
         N = img.shape[1]
         img, img_mods, (qi, ki, vi) = self.image.attention_inputs(img, c)
         ctx, ctx_mods, (qt, kt, vt) = self.text.attention_inputs(ctx, c)
-        q = torch.cat([rotate(qi), qt], dim=1)  # (B, N + L, H, D)
-        k = torch.cat([rotate(ki), kt], dim=1)
+        q = torch.cat([rotary.image(qi), rotary.text(qt)], dim=1)  # (B, N + L, H, D)
+        k = torch.cat([rotary.image(ki), rotary.text(kt)], dim=1)
         v = torch.cat([vi, vt], dim=1)
         key_mask = torch.cat([text_mask.new_ones(text_mask.shape[0], N), text_mask], dim=1)  # (B, N + L)
         out = attention(q, k, v, self.layout, key_mask)  # (B, N + L, W)
@@ -256,9 +299,9 @@ class ImageBlock(nn.Module):
             self.cross_kv = QKV(cfg, outputs="kv")
             self.cross_out = nn.Linear(cfg.width, cfg.width)
 
-    def forward(self, img, ctx, c, text_mask, rotate):
+    def forward(self, img, ctx, c, text_mask, rotary):
         img, mods, (q, k, v) = self.image.attention_inputs(img, c)
-        img = self.image.add_attention(img, mods, attention(rotate(q), rotate(k), v, self.layout))
+        img = self.image.add_attention(img, mods, attention(rotary.image(q), rotary.image(k), v, self.layout))
         if self.uses_text_tokens:
             shift, scale, gate = mods[CROSS]
             (q,) = self.cross_q(modulate(self.cross_norm(img), shift, scale))
@@ -303,7 +346,7 @@ class MMDiT(nn.Module):
         self.cfg = cfg
         W = cfg.width
         self.patch_embed = nn.Conv2d(cfg.in_channels, W, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.positions = ImagePositions(cfg)
+        self.positions = Positions(cfg)
         self.time_embed = nn.Sequential(nn.Linear(TIME_FEATURES, W), nn.SiLU(), nn.Linear(W, W))
         self.pooled_embed = nn.Sequential(nn.Linear(cfg.text_dim, W), nn.SiLU(), nn.Linear(W, W))
         self.blocks = nn.ModuleList(make_block(cfg, last=i == cfg.depth - 1) for i in range(cfg.depth))
@@ -327,9 +370,8 @@ class MMDiT(nn.Module):
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, p·p·C) -> (B, C, H, W)
+    def unpatchify(self, x: torch.Tensor, g: int) -> torch.Tensor:  # (B, g·g, p·p·C) -> (B, C, g·p, g·p)
         B, p, C = x.shape[0], self.cfg.patch_size, self.cfg.in_channels
-        g = self.cfg.input_size // p
         x = x.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
         return x.reshape(B, C, g * p, g * p)
 
@@ -341,7 +383,8 @@ class MMDiT(nn.Module):
         text_mask: torch.Tensor | None = None,
         pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, H, W) noisy latents at time t (B,) in [0, 1] (0 data, 1 noise); text (B, L, D_text);
+        """x (B, C, H, W) noisy latents at time t (B,) in [0, 1] (0 data, 1 noise), H = W any multiple of
+        the patch size (the trained input_size, or another at sampling time); text (B, L, D_text);
         text_mask (B, L) True for real tokens; pooled (B, D_text), the masked mean of text if None."""
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
@@ -351,10 +394,12 @@ class MMDiT(nn.Module):
         length = text_length(text_mask)
         text, text_mask = text[:, :length], text_mask[:, :length]  # padding no row attends to: drop it
         c = self.time_embed(timestep_embedding(t)) + self.pooled_embed(pooled)  # (B, W)
-        img = self.positions.add(self.patch_embed(x).flatten(2).transpose(1, 2))  # (B, N, W)
+        grid = x.shape[-1] // self.cfg.patch_size
+        img = self.positions.add(self.patch_embed(x).flatten(2).transpose(1, 2), grid)  # (B, N, W)
         ctx = self.context_embed(text) if self.context_embed is not None else None  # (B, L, W)
+        rotary = self.positions.rotary(grid, length, x.device)
         recompute = self.cfg.activation_checkpointing == "blocks" and torch.is_grad_enabled()
         for block in self.blocks:
-            args = (img, ctx, c, text_mask, self.positions.rotate)
+            args = (img, ctx, c, text_mask, rotary)
             img, ctx = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
-        return self.unpatchify(self.final(img, c))
+        return self.unpatchify(self.final(img, c), grid)

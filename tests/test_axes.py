@@ -28,5 +28,5 @@ def test_every_arm_builds_a_valid_config_that_changes_only_its_field(axis, confi
 def test_unknown_axis_and_arm_are_named():
     with pytest.raises(KeyError, match="unknown axis 'posemb'"):
         get_axis("posemb")
-    with pytest.raises(KeyError, match="no arm 'alibi'.*learned, sincos, rope2d, none"):
+    with pytest.raises(KeyError, match="no arm 'alibi'.*learned, sincos, rope2d, msrope, none"):
         AXES["pos_emb"].overrides("alibi")

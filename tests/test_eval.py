@@ -244,3 +244,35 @@ def test_evaluate_refuses_a_bad_checkpoint_and_a_bad_grid(tmp_path):
     checkpoint, _ = trained_checkpoint(tmp_path)
     with pytest.raises(SystemExit, match="sampler"):
         evaluate.main(["--checkpoint", str(checkpoint), "--sampler", "rk4"])
+
+
+def test_resolution_transfer_samples_another_grid_into_its_own_runs(tmp_path):
+    checkpoint, cfg = trained_checkpoint(tmp_path)  # trained on 16 × 16 pixels
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    report = evaluate.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--tracking-uri",
+            uri,
+            "--set",
+            "eval.num_samples=4",
+            "--set",
+            f"eval.stats_dir={tmp_path / 'stats'}",
+            "--set",
+            "eval.clip_model=null",
+            "--set",
+            "eval.image_size=24",
+        ]
+    )
+    out = Path(report["out"])
+    assert report["transfer_size"] == 24 and out.name == "step_000002_24px"
+    assert Image.open(next((out / report["points"][0]["name"] / "images").glob("*.png"))).size == (24, 24)
+    assert (
+        "adherence_position" in report["points"][0]["metrics"] and "Sampled at 24×24" in (out / "report.md").read_text()
+    )
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id], "tags.`mmdit.kind` = 'eval'")
+    assert run.data.tags[RUN_KEY_TAG].endswith("-24px") and run.data.params["image_size"] == "24"
+    with pytest.raises(SystemExit, match="eval.image_size=18 is not divisible"):
+        evaluate.main(["--checkpoint", str(checkpoint), "--set", "eval.image_size=18"])

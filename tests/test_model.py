@@ -7,7 +7,7 @@ from conftest import random_conditioning, tiny_model_config
 
 from mmdit_core.config import FlowConfig
 from mmdit_core.flow import RectifiedFlow
-from mmdit_core.model import MMDiT, attention
+from mmdit_core.model import MMDiT, Positions, attention
 
 
 def reference_attention(q, k, v, key_mask=None):
@@ -67,23 +67,24 @@ def test_adaln_zero_blocks_start_as_identity_and_output_is_zero():
     img, ctx, c = torch.randn(2, 16, 32), torch.randn(2, 5, 32), torch.randn(2, 32)
     mask = torch.ones(2, 5, dtype=torch.bool)
     for block in model.blocks:
-        out_img, out_ctx = block(img, ctx, c, mask, model.positions.rotate)
+        out_img, out_ctx = block(img, ctx, c, mask, model.positions.rotary(4, 5, img.device))
         assert torch.equal(out_img, img) and torch.equal(out_ctx, ctx)
     cond = random_conditioning(2)
     assert torch.count_nonzero(model(torch.randn(2, 4, 8, 8), torch.rand(2), cond.text, cond.mask, cond.pooled)) == 0
 
 
-# cross + seq_first is refused by the config (test_config): unequal sequences cannot share the bug's view.
+# Refused by the config (test_config): cross + seq_first (unequal sequences cannot share the bug's view) and
+# msrope without joint attention.
 SWITCHES = [
     combo
     for combo in itertools.product(
         ["heads_first", "seq_first"],
-        ["learned", "sincos", "rope2d", "none"],
+        ["learned", "sincos", "rope2d", "msrope", "none"],
         ["adaln_zero", "additive"],
         ["joint", "cross", "adaln_only"],
         ["none", "layernorm", "rmsnorm"],
     )
-    if not (combo[3] == "cross" and combo[0] == "seq_first")
+    if not (combo[3] == "cross" and combo[0] == "seq_first") and not (combo[1] == "msrope" and combo[3] != "joint")
 ]
 
 
@@ -122,9 +123,8 @@ def test_text_padding_is_masked(block):
     base = model(x, t, text, mask, pooled)
     torch.testing.assert_close(model(x, t, padded, mask, pooled), base)
     unmasked = model(x, t, padded, torch.ones_like(mask), pooled)
-    assert (
-        unmasked[0] - base[0]
-    ).abs().max() > 1e-3  # the same tokens unmasked do change row 0: the mask is what holds
+    # the same tokens unmasked do change row 0: the mask is what holds
+    assert (unmasked[0] - base[0]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("block", ["joint", "cross", "adaln_only"])
@@ -145,7 +145,7 @@ def test_activation_checkpointing_gives_the_same_output_and_gradients(block):
 
 def test_positional_embeddings_tell_patches_apart():
     """With no position signal a model is equivariant to permuting patches; with any kind it is not."""
-    for pos_emb in ("learned", "sincos", "rope2d", "none"):
+    for pos_emb in ("learned", "sincos", "rope2d", "msrope", "none"):
         model = randomise(MMDiT(tiny_model_config(pos_emb=pos_emb, patch_size=4)))
         cond = random_conditioning(1)
         x, t = torch.randn(1, 4, 8, 8), torch.tensor([0.3])
@@ -177,3 +177,43 @@ def test_a_model_config_of_any_text_width_runs_without_naming_the_pooled_width()
     model = MMDiT(tiny_model_config(text_dim=32))  # the pooled vector is the masked mean of text: its width is text_dim
     out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 5, 32))
     assert out.shape == (2, 4, 8, 8)
+
+
+# ---- positions: MSRoPE and other grids ------------------------------------------------------------
+
+
+def test_msrope_places_text_tokens_on_the_diagonal_as_1d_rope():
+    positions = Positions(tiny_model_config(pos_emb="msrope", width=64, num_heads=2))  # head dim 32
+    g, L, D = 4, 6, 32
+    rotary = positions.rotary(g, L, torch.device("cpu"))
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D)
+
+    def text_logit(i: int, j: int) -> float:  # text token i's query against text token j's key
+        qs, ks = q.expand(1, L, 1, D), k.expand(1, L, 1, D)
+        return (rotary.text(qs)[0, i, 0] @ rotary.text(ks)[0, j, 0]).item()
+
+    for shift in (1, 2, 3):  # the same relative position, anywhere along the text: the same logit
+        assert text_logit(0, 2) == pytest.approx(text_logit(shift, 2 + shift), rel=1e-5)
+    assert text_logit(0, 2) != pytest.approx(text_logit(0, 3), rel=1e-3)
+    # a text token's logits to image tokens follow the image tokens' places: the same key at every
+    # place gives a different logit at each
+    keys = rotary.image(k.expand(1, g * g, 1, D))[0, :, 0]  # (N, D)
+    logits = keys @ rotary.text(q.expand(1, L, 1, D))[0, 0, 0]
+    assert len(set(logits.round(decimals=4).tolist())) == g * g
+    x = torch.randn(2, g * g, 2, D)
+    torch.testing.assert_close(rotary.image(x).norm(dim=-1), x.norm(dim=-1))  # rotations keep norms
+    torch.testing.assert_close(rotary.text(x[:, :L]).norm(dim=-1), x[:, :L].norm(dim=-1))
+
+
+def test_msrope_needs_joint_attention():
+    with pytest.raises(ValueError, match="msrope places image and text tokens in one frame"):
+        tiny_model_config(pos_emb="msrope", block="cross")
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "sincos", "rope2d", "msrope", "none"])
+def test_a_model_samples_at_another_resolution_than_it_was_trained_at(pos_emb):
+    model = randomise(MMDiT(tiny_model_config(pos_emb=pos_emb)))  # trained grid 4 × 4 (8 × 8, patch 2)
+    cond = random_conditioning(2)
+    out = model(torch.randn(2, 4, 12, 12), torch.rand(2), cond.text, cond.mask)  # a 6 × 6 grid
+    assert out.shape == (2, 4, 12, 12) and torch.isfinite(out).all()
