@@ -217,3 +217,24 @@ def test_a_model_samples_at_another_resolution_than_it_was_trained_at(pos_emb):
     cond = random_conditioning(2)
     out = model(torch.randn(2, 4, 12, 12), torch.rand(2), cond.text, cond.mask)  # a 6 × 6 grid
     assert out.shape == (2, 4, 12, 12) and torch.isfinite(out).all()
+
+
+def test_an_msrope_model_round_trips_through_a_checkpoint(tmp_path):
+    from mmdit_core.checkpoint import load_checkpoint, save_checkpoint
+    from mmdit_core.config import build_config
+
+    cfg = build_config(
+        {
+            "model": {"width": 32, "depth": 2, "num_heads": 2, "pos_emb": "msrope"},
+            "data": {"image_size": 8},
+            "text": {"dim": 16},
+        }
+    )
+    model = randomise(MMDiT(cfg.model))
+    save_checkpoint(tmp_path / "c", model=model, config=cfg, step=3)
+    loaded = MMDiT(cfg.model)
+    info = load_checkpoint(tmp_path / "c", model=loaded)
+    cond = random_conditioning(2)
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    assert info.config.model.pos_emb == "msrope"
+    torch.testing.assert_close(loaded(x, t, cond.text, cond.mask), model(x, t, cond.text, cond.mask))
