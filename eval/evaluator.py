@@ -314,8 +314,8 @@ def evaluate_checkpoint(
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Score one checkpoint at every point of `grid` (GRID field -> values; each defaults to the
-    checkpoint's own sample setting); write the report files; return the report (with its `config`, the
-    checkpoint's config with `overrides`, and `trained`, the config it was trained with)."""
+    checkpoint's own sample setting); write the report files; return the report (with `trained`, the config the
+    checkpoint was trained with, which names its MLflow run)."""
     path = resolve_checkpoint(checkpoint)
     trained = read_config(path)
     cfg = build_config(trained.to_dict(), overrides)
@@ -356,4 +356,4 @@ def evaluate_checkpoint(
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown(report))
     eval_curves(points, out / "curves.png")
-    return report | {"config": cfg, "trained": trained}
+    return report | {"trained": trained}

@@ -96,7 +96,6 @@ def evaluate(
     the name of the run the checkpoint's config makes today). Returns the report."""
     report = evaluate_checkpoint(checkpoint, grid=grid, overrides=overrides, out=out, device=device, verbose=verbose)
     trained = report.pop("trained")
-    report.pop("config")
     report["mlflow_child_runs"] = log_to_mlflow(
         tracking_uri or default_uri(), trained.name, run_name or trained.run_name(), report
     )
