@@ -18,6 +18,8 @@ from typing import Literal
 
 import yaml
 
+from mmdit_core.errors import InputError, MissingInput
+
 from .axes import get_axis
 
 PRESETS = Path(__file__).parent / "presets"
@@ -58,15 +60,15 @@ class SweepPlan:
 
     def __post_init__(self):
         if self.seeds < 1:
-            raise ValueError(f"sweep {self.name}: seeds must be at least 1 (got {self.seeds})")
+            raise InputError(f"sweep {self.name}: seeds must be at least 1 (got {self.seeds})")
         if not self.axes:
-            raise ValueError(f"sweep {self.name}: no axes")
+            raise InputError(f"sweep {self.name}: no axes")
         for name, arms in self.axes.items():
             axis = get_axis(name)
             for arm in arms:
                 axis.overrides(arm)  # an unknown arm is named here
             if axis.reference not in arms:
-                raise ValueError(f"sweep {self.name}: axis {name} must keep its reference arm {axis.reference!r}")
+                raise InputError(f"sweep {self.name}: axis {name} must keep its reference arm {axis.reference!r}")
 
     def of_kind(self, kind: str) -> dict[str, tuple[str, ...]]:
         return {name: arms for name, arms in self.axes.items() if get_axis(name).kind == kind}
@@ -95,7 +97,7 @@ def load_preset(name: str) -> SweepPlan:
     path = PRESETS / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
-        raise FileNotFoundError(f"no sweep preset {name!r} (presets: {known})")
+        raise MissingInput(f"no sweep preset {name!r} (presets: {known})")
     spec = yaml.safe_load(path.read_text())
     axes = {axis: tuple(str(a) for a in arms) if arms else get_axis(axis).arms for axis, arms in spec["axes"].items()}
     return SweepPlan(

@@ -31,8 +31,9 @@ from scipy.stats import spearmanr  # noqa: E402
 
 from eval.figures import titled_row  # noqa: E402
 from eval.stats import Interval, mean_interval, paired_difference, verdict  # noqa: E402
-from experiments.cli import add_tracking_uri  # noqa: E402
+from experiments.cli import add_tracking_uri, run_command  # noqa: E402
 from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri  # noqa: E402
+from mmdit_core.errors import InputError  # noqa: E402
 
 from .axes import get_axis  # noqa: E402
 
@@ -400,7 +401,7 @@ def sweep_parent(client, name: str, uri: str):
     experiment = client.get_experiment_by_name(name)
     parents = client.search_runs([experiment.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{name}'") if experiment else []
     if not parents:
-        raise SystemExit(f"error: no sweep {name!r} in {uri}")
+        raise InputError(f"no sweep {name!r} in {uri}")
     return experiment, parents[0]
 
 
@@ -447,4 +448,4 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -31,14 +31,15 @@ from typing import Any
 import torch
 
 from eval.evaluator import GRID, resolve_checkpoint
-from experiments.cli import add_overrides, add_tracking_uri
+from experiments.cli import add_overrides, add_tracking_uri, run_command
 from experiments.cluster import start_ray
 from experiments.demo import prepare_inputs
 from experiments.evaluate import evaluate
 from experiments.rank_loop import Faults
 from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri
 from experiments.train import check_inputs, fit
-from mmdit_core.config import ConfigError, load_config
+from mmdit_core.config import load_config
+from mmdit_core.errors import InputError
 
 from .axes import AXES, get_axis
 from .plan import PROJECT_ROOT, SweepPlan, Trial, load_preset
@@ -198,7 +199,7 @@ def run(
     )
     if not parent.wait_ready(30):
         parent.close()
-        raise SystemExit(f"error: MLflow at {uri} does not answer; a sweep needs its parent run before trials start")
+        raise InputError(f"MLflow at {uri} does not answer; a sweep needs its parent run before trials start")
     parent_id = parent.result.run_id
 
     start_ray(address)
@@ -337,8 +338,8 @@ def main(argv=None) -> dict[str, Any]:
     try:
         plan = plan_from_args(args)
         load_config(plan.config, list(plan.overrides))  # refuse a bad --set at once
-    except (ConfigError, KeyError, ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except KeyError as exc:  # an unknown axis or arm (InputErrors reach run_command as they are)
+        raise InputError(exc.args[0]) from None
     result = run(plan, tracking_uri=args.tracking_uri, address=args.address)
     print(json.dumps(result, indent=2))
     written = report(result["sweep"], args.tracking_uri)
@@ -347,4 +348,4 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -33,7 +33,7 @@ from mmdit_core.autoencoder import Autoencoder
 from mmdit_core.checkpoint import CheckpointError, load_checkpoint, read_config
 from mmdit_core.config import ConfigError, ExperimentConfig, SampleConfig, build_config
 from mmdit_core.data.images import to_uint8
-from mmdit_core.data.scenes import Scene
+from mmdit_core.data.scenes import Scene, scenes_of
 from mmdit_core.data.training import read_split, validation_set
 from mmdit_core.flow import RectifiedFlow, generate
 from mmdit_core.model import MMDiT
@@ -105,9 +105,9 @@ def settings_grid(grid: dict[str, list[Any]], base: SampleConfig) -> list[Settin
 
 def scenes_for(cfg: ExperimentConfig, attributes: list[dict | None]) -> tuple[list[Scene] | None, str | None]:
     """The scenes the oracle judges against, or None and why adherence cannot be scored here."""
-    if cfg.data.source != "scenes" or any(a is None for a in attributes):
-        return None, f"adherence skipped: data.source={cfg.data.source} has no scene attributes to judge against"
-    scenes = [Scene.from_attributes(a) for a in attributes]
+    scenes = scenes_of(attributes)
+    if scenes is None:
+        return None, f"adherence skipped: {cfg.data.root} holds no built-in scenes to judge against"
     if any(s.background != "plain" for s in scenes):
         return None, "adherence skipped: the oracle judges scenes on the plain background only"
     return scenes, None

@@ -38,6 +38,7 @@ from cleanfid.fid import get_folder_features, kernel_distance
 
 from mmdit_core.config import ExperimentConfig
 from mmdit_core.data.shards import dataset_key, raw_png, read_manifest, sample_of_split
+from mmdit_core.errors import InputError
 from mmdit_core.files import sha256_file
 
 PROTOCOL = "clean"
@@ -143,7 +144,7 @@ def kid(generated: Statistics, reference: Statistics, seed: int = 0) -> float:
 def reference_key(cfg: ExperimentConfig, split: str, count: int, inception: Inception) -> dict:
     entry = read_manifest(cfg.data.root)["splits"].get(split)
     if entry is None:
-        raise KeyError(f"eval.reference_split={split!r}: {cfg.data.root} has no such split")
+        raise InputError(f"eval.reference_split={split!r}: {cfg.data.root} has no such split")
     return {
         "data": dataset_key({split: entry}),
         "split": split,

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from mmdit_core.config import ExperimentConfig
+from mmdit_core.errors import InputError
 from mmdit_core.flow import Conditioning, RectifiedFlow, generate
 from mmdit_core.model import MMDiT
 from mmdit_core.trainer import Trainer
 
 from .bench_step import alternating_medians, compare_models, matmul_peak, median_seconds, peak_memory_mib, scaling
-from .cli import config_parser, resolve_config
+from .cli import config_parser, resolve_config, run_command
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -336,7 +337,7 @@ def main(argv=None) -> dict:
     cfg = resolve_config(args)
     unknown = set(args.precisions) - set(DTYPES)
     if unknown:
-        raise SystemExit(f"error: --precisions: unknown {', '.join(sorted(unknown))} (known: {', '.join(DTYPES)})")
+        raise InputError(f"--precisions: unknown {', '.join(sorted(unknown))} (known: {', '.join(DTYPES)})")
     larger = resolve_config(
         argparse.Namespace(config=args.config, overrides=[*args.overrides, *(args.larger or larger_overrides(cfg))])
     )
@@ -373,4 +374,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

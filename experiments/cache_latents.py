@@ -14,9 +14,10 @@ from mmdit_core.autoencoder import Autoencoder
 from mmdit_core.data.latents import StaleCacheError, write_latent_cache
 from mmdit_core.data.shards import SkipCounts, make_loader, read_manifest, split_shards
 from mmdit_core.data.training import latent_cache_shards
+from mmdit_core.errors import InputError
 from mmdit_core.text import TextEncoder
 
-from .cli import config_parser, resolve_config
+from .cli import config_parser, resolve_config, run_command
 
 
 def reuse_or_build(cfg) -> dict:
@@ -32,7 +33,7 @@ def reuse_or_build(cfg) -> dict:
 
 def build(cfg) -> dict:
     if not cfg.data.latent_cache:
-        raise SystemExit("error: set data.latent_cache to the directory the cache should go to")
+        raise InputError("set data.latent_cache to the directory the cache should go to")
     counts = SkipCounts()
     loader = make_loader(
         split_shards(cfg.data.root, "train"),
@@ -62,4 +63,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,11 +1,16 @@
-"""Shared command-line plumbing: --config / --set parsing that refuses a bad config before any work, and
-the --tracking-uri option."""
+"""Shared command-line plumbing: --config / --set parsing that refuses a bad config before any work, the
+--tracking-uri option, and `run_command`, every command's entry point (user errors as one line, bugs with
+a traceback)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
 
-from mmdit_core.config import ConfigError, ExperimentConfig, load_config
+from mmdit_core.config import ExperimentConfig, load_config
+from mmdit_core.errors import InputError
 
 
 def add_overrides(
@@ -30,7 +35,15 @@ def config_parser(doc: str, default_config: str | None = None) -> argparse.Argum
 
 
 def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The validated config of --config and --set (a ConfigError, an InputError, names the bad field)."""
+    return load_config(args.config, args.overrides)
+
+
+def run_command(main: Callable[[], Any]) -> None:
+    """A command's entry point: bad input (InputError) prints one line naming it and exits with status 2;
+    any other exception is a bug and keeps its traceback."""
     try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        main()
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

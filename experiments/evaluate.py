@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from eval.evaluator import GRID, evaluate_checkpoint, markdown
-from mmdit_core.checkpoint import CheckpointError
-from mmdit_core.config import ConfigError
 
-from .cli import add_overrides, add_tracking_uri
+from .cli import add_overrides, add_tracking_uri, run_command
 from .tracking import Tracker, default_uri
 
 
@@ -125,21 +123,18 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when the config trains on GPUs)")
     args = parser.parse_args(argv)
     grid = {field: getattr(args, field) for field in GRID if getattr(args, field)}
-    try:
-        report = evaluate(
-            args.checkpoint,
-            grid=grid,
-            overrides=args.overrides,
-            out=args.out,
-            tracking_uri=args.tracking_uri,
-            device=args.device,
-        )
-    except (CheckpointError, ConfigError, FileNotFoundError, KeyError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    report = evaluate(
+        args.checkpoint,
+        grid=grid,
+        overrides=args.overrides,
+        out=args.out,
+        tracking_uri=args.tracking_uri,
+        device=args.device,
+    )
     print(f"\nreport: {report['out']}/report.md\n")
     print(markdown(report))
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -11,6 +11,7 @@ URL import keeps the images it already fetched).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from mmdit_core.data.shards import encode_sample, read_manifest, write_dataset
 from mmdit_core.data.sources import read_source
 
-from .cli import config_parser, resolve_config
+from .cli import config_parser, resolve_config, run_command
 
 
 def prepare(cfg, force: bool = False) -> dict:
@@ -47,7 +48,14 @@ def prepare(cfg, force: bool = False) -> dict:
     )
     counts = {name: entry["samples"] for name, entry in manifest["splits"].items()}
     offered = f" of {manifest['available']} available (a seeded random subset)" if "available" in manifest else ""
-    print(f"wrote {root}: {json.dumps(counts)} samples{offered}, key {manifest['key']}; {imported.skipped.report()}")
+    skipped = imported.skipped.report(own_shards=False)
+    print(f"wrote {root}: {json.dumps(counts)} samples{offered}, key {manifest['key']}; {skipped}")
+    if (counts["train"], counts["val"]) != (data.num_train, data.num_val):
+        print(
+            f"warning: asked for data.num_train={data.num_train} and data.num_val={data.num_val}, but the source "
+            f"had only {sum(counts.values())} usable samples: wrote {counts['train']} train + {counts['val']} val",
+            file=sys.stderr,
+        )
     return manifest
 
 
@@ -59,4 +67,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

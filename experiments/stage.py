@@ -43,6 +43,7 @@ class Stage:
     label: str  # what it is, in messages: "autoencoder", "CLIP"
     weights: str  # the file in its directory whose sha256 the summary records
     shipped: Path  # committed copies, each a directory with its summary
+    measured: str  # the summary's entry of what measuring the saved model found: "fidelity", "validation"
 
     @property
     def experiment(self) -> str:
@@ -86,7 +87,8 @@ class Stage:
 
     def save(self, out: Path, summary: dict[str, Any], write: Callable[[Path], None]) -> None:
         """`write(tmp)` fills a temporary directory; the summary (with the weights' sha256 and the machine)
-        joins it, and all of it appears at `out` together or not at all."""
+        joins it, and all of it appears at `out` together or not at all. Called before the model is
+        measured, so a failure while measuring loses no training: `reuse_or_train` measures it then."""
         summary["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads()}
         with atomic_directory(out) as tmp:
             write(tmp)
@@ -107,11 +109,16 @@ class Stage:
         path: Path,
         train: Callable[[], dict[str, Any]],
         describe: Callable[[dict[str, Any]], str],
+        measure: Callable[[], dict[str, Any]],
     ) -> dict[str, Any]:
-        """The summary of the one made from `made`: at `path`, else a shipped one copied there, else `train()`."""
+        """The summary of the one made from `made`: at `path`, else a shipped one copied there, else `train()`.
+        One saved but never measured (measuring failed or was cut off) is measured now by `measure()`."""
         summary = self.reuse(made, path)
         if summary is None:
             return train()
+        if self.measured not in summary:
+            print(f"the {self.label} at {path} was saved but its {self.measured} was never measured: measuring it")
+            summary = measure()
         print(f"reusing the {self.label} at {path}: {describe(summary)}")
         return summary
 

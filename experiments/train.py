@@ -28,11 +28,10 @@ from typing import Any, Iterator
 
 from mmdit_core.autoencoder import Autoencoder
 from mmdit_core.config import ExperimentConfig
-from mmdit_core.data.latents import StaleCacheError
 from mmdit_core.data.shards import read_manifest
 from mmdit_core.data.training import latent_cache_shards
 
-from .cli import add_tracking_uri, config_parser, resolve_config
+from .cli import add_tracking_uri, config_parser, resolve_config, run_command
 from .cluster import start_ray
 from .rank_loop import Faults, Launch, RankLoop
 from .tracking import Tracker, default_uri, git_commit
@@ -60,13 +59,10 @@ def train_loop(launch: dict[str, Any]) -> None:
 
 def check_inputs(cfg: ExperimentConfig) -> None:
     """Refuse, before Ray starts, a run whose data, autoencoder or latent cache is missing or stale."""
-    try:
-        read_manifest(cfg.data.root)
-        Autoencoder.check_trained(cfg.autoencoder)
-        if cfg.data.latent_cache:
-            latent_cache_shards(cfg)
-    except (FileNotFoundError, StaleCacheError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    read_manifest(cfg.data.root)
+    Autoencoder.check_trained(cfg.autoencoder)
+    if cfg.data.latent_cache:
+        latent_cache_shards(cfg)
 
 
 def fit_interruptibly(trainer):
@@ -235,4 +231,4 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -31,7 +31,10 @@ from mmdit_core.config import ExperimentConfig, flatten
 from mmdit_core.data.images import to_uint8
 from mmdit_core.data.shards import SkipCounts, read_manifest
 from mmdit_core.data.training import read_split
+from mmdit_core.errors import InputError
+from mmdit_core.files import verified_summary
 
+from .cli import run_command
 from .stage import Stage, descend, train_images
 from .tracking import Tracker
 
@@ -39,7 +42,10 @@ from .tracking import Tracker
 # reused when made from the same settings and data (`python -m experiments.train_autoencoder --config C`
 # reproduces each one). The weights file is what save_pretrained writes.
 STAGE = Stage(
-    "autoencoder", weights="diffusion_pytorch_model.safetensors", shipped=Path(__file__).parent / "autoencoders"
+    "autoencoder",
+    weights="diffusion_pytorch_model.safetensors",
+    shipped=Path(__file__).parent / "autoencoders",
+    measured="fidelity",
 )
 LOG_EVERY = 50  # training steps between logged losses
 FIDELITY_IMAGES = 1024  # val images the fidelity is measured on (all of a smaller split)
@@ -131,8 +137,8 @@ def describe(summary: dict[str, Any]) -> str:
 def train_and_save(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[str, Any]:
     """Train, measure and save the autoencoder of `cfg` (refusing any other kind), tracked in MLflow."""
     if cfg.autoencoder.kind != "trained":
-        raise SystemExit(
-            f"error: autoencoder.kind={cfg.autoencoder.kind}: only the `trained` kind is trained here "
+        raise InputError(
+            f"autoencoder.kind={cfg.autoencoder.kind}: only the `trained` kind is trained here "
             "(--set autoencoder.kind=trained, or --config experiments/configs/demo.yaml)"
         )
     made, out = made_from(cfg), Path(cfg.autoencoder.path)
@@ -142,13 +148,30 @@ def train_and_save(cfg: ExperimentConfig, tracking_uri: str | None = None) -> di
     }
     with STAGE.tracked(made, out, params, tracking_uri, cfg) as tracker:
         vae, trained = train(cfg, tracker)
-        measured, recon_image = fidelity(cfg, Autoencoder(cfg.autoencoder, vae))
-        summary = {**trained, "fidelity": measured, "made_from": made}
-        STAGE.save(out, summary, lambda tmp: (vae.save_pretrained(tmp), recon_image.save(tmp / "recon.png")))
-        tracker.log_metrics(fidelity_metrics(measured), cfg.autoencoder.train_steps)
-        for name in ("recon.png", "summary.json"):
-            tracker.log_artifact(out / name)
-        return summary
+        summary = {**trained, "made_from": made}
+        STAGE.save(out, summary, vae.save_pretrained)
+        return measure_saved(cfg, out, summary, Autoencoder(cfg.autoencoder, vae), tracker)
+
+
+def measure_saved(
+    cfg: ExperimentConfig, out: Path, summary: dict[str, Any], autoencoder: Autoencoder, tracker: Tracker
+) -> dict[str, Any]:
+    """The saved autoencoder's fidelity and recon.png, written beside it and logged to its run."""
+    summary["fidelity"], recon_image = fidelity(cfg, autoencoder)
+    recon_image.save(out / "recon.png")
+    STAGE.rewrite_summary(out, summary)
+    tracker.log_metrics(fidelity_metrics(summary["fidelity"]), cfg.autoencoder.train_steps)
+    for name in ("recon.png", "summary.json"):
+        tracker.log_artifact(out / name)
+    return summary
+
+
+def remeasure(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Measure the autoencoder at autoencoder.path (saved, never measured), logged to the run that trained it."""
+    out = Path(cfg.autoencoder.path)
+    summary = verified_summary(out, STAGE.weights)
+    with STAGE.tracked(summary["made_from"], out, {}, tracking_uri, cfg) as tracker:
+        return measure_saved(cfg, out, summary, Autoencoder.load(cfg.autoencoder), tracker)
 
 
 def fidelity_metrics(measured: dict[str, Any]) -> dict[str, float]:
@@ -163,7 +186,11 @@ def reuse_or_train(cfg: ExperimentConfig, tracking_uri: str | None = None) -> di
     """The autoencoder trained from these settings and this data (the dataset key is checked): the one at
     autoencoder.path, else a shipped one copied there, else a new one trained."""
     return STAGE.reuse_or_train(
-        made_from(cfg), Path(cfg.autoencoder.path), lambda: train_and_save(cfg, tracking_uri), describe
+        made_from(cfg),
+        Path(cfg.autoencoder.path),
+        lambda: train_and_save(cfg, tracking_uri),
+        describe,
+        lambda: remeasure(cfg, tracking_uri),
     )
 
 
@@ -181,4 +208,4 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

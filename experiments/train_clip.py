@@ -30,17 +30,19 @@ from eval.clip_score import WEIGHTS, ClipScorer, trained_clip_dir
 from eval.clip_validation import describe, validate
 from mmdit_core.config import ClipConfig, ExperimentConfig, flatten
 from mmdit_core.data.images import to_uint8
-from mmdit_core.data.scenes import Scene
+from mmdit_core.data.scenes import scenes_of
 from mmdit_core.data.shards import SkipCounts, make_loader, read_manifest, split_shards
 from mmdit_core.data.training import read_split
+from mmdit_core.errors import InputError
 from mmdit_core.files import verified_summary
 
+from .cli import run_command
 from .stage import Stage, descend, train_images
 from .tracking import Tracker
 
 # CLIPs this command trained are committed in experiments/clips with their summaries and reused when
 # made from the same settings and data (`python -m experiments.train_clip --config C` reproduces each one).
-STAGE = Stage("CLIP", weights=WEIGHTS, shipped=Path(__file__).parent / "clips")
+STAGE = Stage("CLIP", weights=WEIGHTS, shipped=Path(__file__).parent / "clips", measured="validation")
 LOG_EVERY = 50  # training steps between logged losses
 VALIDATION_IMAGES = 1024  # val images the validation uses (all of a smaller split)
 SPECIAL = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
@@ -165,7 +167,7 @@ def validation(cfg: ExperimentConfig, scorer: ClipScorer) -> dict[str, Any]:
     """eval/clip_validation.py on a seeded sample of VALIDATION_IMAGES val images (all of a smaller split)."""
     pixels, captions, attributes = read_split(cfg.data.root, "val", VALIDATION_IMAGES, cfg.data.seed)
     # attribute swaps need only the captions' attributes (the oracle's plain-background rule does not apply)
-    scenes = [Scene.from_attributes(a) for a in attributes] if attributes and None not in attributes else None
+    scenes = scenes_of(attributes)
     images = torch.from_numpy(to_uint8(pixels)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
     return validate(scorer, images, captions, scenes, seed=cfg.data.seed)
 
@@ -193,12 +195,20 @@ def train_and_save(cfg: ExperimentConfig, tracking_uri: str | None = None) -> di
     }
     with STAGE.tracked(made, out, params, tracking_uri, cfg) as tracker:
         clip, processor, trained = train(cfg, tracker)
-        measured = validation(cfg, ClipScorer(clip, processor, clip.device))
-        summary = {**trained, "validation": measured, "made_from": made}
+        summary = {**trained, "made_from": made}
         STAGE.save(out, summary, lambda tmp: (clip.save_pretrained(tmp), processor.save_pretrained(tmp)))
-        tracker.log_metrics(validation_metrics(measured), cfg.clip.train_steps)
-        tracker.log_artifact(out / "summary.json")
-        return summary
+        return validate_saved(cfg, out, summary, ClipScorer(clip, processor, clip.device), tracker)
+
+
+def validate_saved(
+    cfg: ExperimentConfig, out: Path, summary: dict[str, Any], scorer: ClipScorer, tracker: Tracker
+) -> dict[str, Any]:
+    """The saved CLIP's validation, written into its summary and logged to its run."""
+    summary["validation"] = validation(cfg, scorer)
+    STAGE.rewrite_summary(out, summary)
+    tracker.log_metrics(validation_metrics(summary["validation"]), cfg.clip.train_steps)
+    tracker.log_artifact(out / "summary.json")
+    return summary
 
 
 def revalidate(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[str, Any]:
@@ -207,14 +217,10 @@ def revalidate(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[s
     out = trained_clip_dir(cfg.data.root)
     summary = verified_summary(out, WEIGHTS)
     if summary is None or summary["made_from"] != made_from(cfg):
-        raise SystemExit(f"error: no CLIP made from these settings and this data at {out} (train it first)")
+        raise InputError(f"no CLIP made from these settings and this data at {out} (train it first)")
     with STAGE.tracked(summary["made_from"], out, {}, tracking_uri, cfg) as tracker:
         scorer = ClipScorer(CLIPModel.from_pretrained(out), CLIPProcessor.from_pretrained(out), device_of(cfg))
-        summary["validation"] = validation(cfg, scorer)
-        STAGE.rewrite_summary(out, summary)
-        tracker.log_metrics(validation_metrics(summary["validation"]), cfg.clip.train_steps)
-        tracker.log_artifact(out / "summary.json")
-    return summary
+        return validate_saved(cfg, out, summary, scorer, tracker)
 
 
 def reuse_or_train(cfg: ExperimentConfig, tracking_uri: str | None = None) -> dict[str, Any]:
@@ -225,6 +231,7 @@ def reuse_or_train(cfg: ExperimentConfig, tracking_uri: str | None = None) -> di
         trained_clip_dir(cfg.data.root),
         lambda: train_and_save(cfg, tracking_uri),
         lambda summary: describe(summary["validation"]),
+        lambda: revalidate(cfg, tracking_uri),
     )
 
 
@@ -240,4 +247,4 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -17,6 +17,7 @@ import torch.nn as nn
 from diffusers import AutoencoderKL
 
 from .config import AutoencoderConfig
+from .errors import InputError, MissingInput
 
 
 def build_vae(cfg: AutoencoderConfig) -> AutoencoderKL:
@@ -92,18 +93,18 @@ class Autoencoder(nn.Module):
             vae.eval().requires_grad_(False)
             factor = 2 ** (len(vae.config.block_out_channels) - 1)
             if vae.config.latent_channels != cfg.latent_channels:
-                raise ValueError(
+                raise InputError(
                     f"autoencoder.latent_channels={cfg.latent_channels} but the VAE at {cfg.path} "
                     f"has {vae.config.latent_channels}"
                 )
             if factor != cfg.factor:
-                raise ValueError(f"autoencoder.factor={cfg.factor} but the VAE at {cfg.path} downsamples by {factor}")
+                raise InputError(f"autoencoder.factor={cfg.factor} but the VAE at {cfg.path} downsamples by {factor}")
 
     @staticmethod
     def check_trained(cfg: AutoencoderConfig) -> None:
-        """FileNotFoundError when the `trained` kind has not been trained yet (cheap: no weights read)."""
+        """MissingInput when the `trained` kind has not been trained yet (cheap: no weights read)."""
         if cfg.kind == "trained" and not Path(cfg.path).is_dir():
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"autoencoder.path={cfg.path} holds no trained autoencoder: "
                 "run python -m experiments.train_autoencoder first"
             )

@@ -29,12 +29,13 @@ from safetensors.torch import load_file, save_file
 
 from .config import ExperimentConfig, build_config
 from .ema import EMA
+from .errors import InputError
 from .files import atomic_directory, sha256_file
 
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.yaml")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt."""
 
 

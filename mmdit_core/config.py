@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import InputError
+
 # Sizes in the spirit of DiT-S/B/L (width, depth, heads), plus `tiny` for a 2-core CPU.
 SIZE_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"width": 128, "depth": 4, "num_heads": 4},
@@ -28,7 +30,7 @@ SIZE_PRESETS: dict[str, dict[str, int]] = {
 TRAINED_CLIP = "trained"  # eval.clip_model: the CLIP experiments.train_clip trained on data.root
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value, key or combination that cannot run; the message names the dotted field."""
 
 
@@ -172,6 +174,11 @@ class DataConfig(Section):
     def _check_counts(self) -> DataConfig:
         if self.min_objects > self.max_objects:
             raise ValueError(f"data.min_objects={self.min_objects} exceeds data.max_objects={self.max_objects}")
+        if self.source in ("folder", "webdataset", "urls") and not self.import_path:
+            raise ValueError(
+                f"data.import_path is required for data.source={self.source} "
+                "(an image folder or table, shard paths or URLs, a URL table)"
+            )
         return self
 
 
@@ -456,7 +463,7 @@ def build_config(tree: dict[str, Any], overrides: list[str] | None = None) -> Ex
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in exc.errors())) from None
+        raise ConfigError("invalid config: " + "; ".join(_describe(e) for e in exc.errors())) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:

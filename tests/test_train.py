@@ -139,7 +139,10 @@ def test_bad_config_and_missing_data_fail_before_ray_starts(tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode != 0 and "model.width" in result.stderr and "ray" not in result.stdout.lower()
+    assert result.returncode == 2 and "ray" not in result.stdout.lower()
+    assert result.stderr.strip().splitlines() == [
+        "error: invalid config: model.width: Input should be greater than or equal to 8 (got 7)"
+    ]
     result = subprocess.run(
         [
             sys.executable,
@@ -154,7 +157,10 @@ def test_bad_config_and_missing_data_fail_before_ray_starts(tmp_path):
         text=True,
         timeout=120,
     )
-    assert result.returncode != 0 and "prepare the data first" in result.stderr
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nothing' / 'manifest.json'} not found: prepare the data first "
+        "(python -m experiments.prepare_data)"
+    ]
     assert "Started a local Ray instance" not in result.stdout + result.stderr
 
 

@@ -20,11 +20,12 @@ import torch
 
 from ..autoencoder import Autoencoder, identity_key
 from ..config import ExperimentConfig
+from ..errors import InputError
 from ..text import TextEncoder
 from .shards import MANIFEST, SkipCounts, read_manifest, write_dataset
 
 
-class StaleCacheError(RuntimeError):
+class StaleCacheError(InputError, RuntimeError):
     """A latent cache built from other data, another autoencoder or another text encoder."""
 
 

@@ -63,6 +63,18 @@ class Scene:
         return cls(objects, attributes["background"], texture_seed=0)
 
 
+SCENE_KEYS = {"objects", "background"}
+
+
+def scenes_of(attributes: list[dict | None]) -> list[Scene] | None:
+    """The built-in scenes these samples' attributes describe, or None unless every sample is one (imported
+    data carries where each image came from instead). Every stage asks this, and only this, whether its
+    data has scene attributes."""
+    if not attributes or not all(isinstance(a, dict) and SCENE_KEYS <= a.keys() for a in attributes):
+        return None
+    return [Scene.from_attributes(a) for a in attributes]
+
+
 def describe(obj: SceneObject) -> str:
     where = {"center": "in the center", "top": "at the top", "bottom": "at the bottom",
              "left": "on the left", "right": "on the right"}.get(obj.cell_name, f"in the {obj.cell_name}")

@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 from webdataset.tariterators import tarfile_samples
 
+from ..errors import InputError, MissingInput
 from ..files import atomic_directory, sha256_file
 from .images import to_tensor
 
@@ -86,7 +87,7 @@ def write_dataset(directory: str | Path, splits: dict[str, Iterable[dict[str, An
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: prepare the data first (python -m experiments.prepare_data)")
+        raise MissingInput(f"{path} not found: prepare the data first (python -m experiments.prepare_data)")
     return json.loads(path.read_text())
 
 
@@ -94,7 +95,7 @@ def split_shards(directory: str | Path, split: str) -> dict[str, int]:
     """{shard path: sample count} of a split, in order, from the manifest."""
     manifest = read_manifest(directory)
     if split not in manifest["splits"]:
-        raise KeyError(f"{directory} has no {split!r} split (has {sorted(manifest['splits'])})")
+        raise InputError(f"{directory} has no {split!r} split (has {sorted(manifest['splits'])})")
     return {str(Path(directory) / s["name"]): s["samples"] for s in manifest["splits"][split]["shards"]}
 
 
@@ -127,7 +128,9 @@ class SkipCounts:
     def totals(self) -> dict[str, int]:
         return dict(zip(SKIP_KINDS, self.table.sum(0).tolist()))
 
-    def report(self) -> str:
+    def report(self, own_shards: bool = True) -> str:
+        """One line of what was skipped; reading this project's shards (`own_shards`, not an import), a
+        foreign-looking sample adds the hint to import them instead."""
         totals = self.totals()
         if not any(totals.values()):
             return "no samples skipped"
@@ -136,7 +139,7 @@ class SkipCounts:
                  "size": "images of another size than the dataset's", "caption": "missing or empty captions",
                  "utf8": "captions that are not UTF-8", "json": "unreadable attribute files"}
         text = "skipped: " + ", ".join(f"{n} {names[kind]}" for kind, n in totals.items() if n)
-        if totals["no_image"] or totals["size"]:  # foreign shards read as if they were this project's
+        if own_shards and (totals["no_image"] or totals["size"]):  # foreign shards read as this project's
             text += ("; hint: these look like shards written elsewhere, not by prepare_data at data.image_size: "
                      "import them with python -m experiments.prepare_data --set data.source=webdataset "
                      "--set data.import_path=SHARDS (docs/data.md)")
@@ -180,15 +183,16 @@ def sample_members(sample: dict[str, Any], counts: SkipCounts,
     return caption.strip(), image, attributes
 
 
-def decode(sample: dict[str, Any], counts: SkipCounts, image_size: int | None = None) -> dict[str, Any] | None:
+def decode(sample: dict[str, Any], counts: SkipCounts,
+           image_size: int | tuple[int, int] | None = None) -> dict[str, Any] | None:
     """Raw tar sample -> {"key", "image" (3, H, W) in [-1, 1], "caption", "attributes", "index"}, or
-    None (counted). An image of another side than `image_size` is skipped, never resized here
-    (importers fit images to the dataset's size once, with one filter)."""
+    None (counted). An image of another side than `image_size` (or another (width, height)) is skipped,
+    never resized here (importers fit images to the dataset's size once, with one filter)."""
     members = sample_members(sample, counts)
     if members is None:
         return None
     caption, image, attributes = members
-    if image_size is not None and image.size != (image_size, image_size):
+    if image_size is not None and image.size != ((image_size,) * 2 if isinstance(image_size, int) else image_size):
         counts.add("size")
         return None
     return {"key": sample["__key__"], "image": to_tensor(image), "caption": caption, "attributes": attributes,
@@ -351,12 +355,30 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def stream_image_size(urls: list[str] | dict[str, int]) -> int | tuple[int, int] | None:
+    """The size the images of these shards should have: data.image_size from the dataset's manifest beside
+    them, else the (width, height) of the first readable image; None when no image reads."""
+    manifest = Path(next(iter(urls))).parent / MANIFEST
+    if manifest.is_file():
+        size = json.loads(manifest.read_text()).get("source", {}).get("image_size")
+        if size:
+            return size
+
+    def image_size_of(sample: dict[str, Any], counts: SkipCounts) -> tuple[int, int] | None:
+        members = sample_members(sample, counts)
+        return None if members is None else members[1].size
+
+    return next(iter(ShardStream(urls, transform=image_size_of)), None)
+
+
 def make_loader(urls: list[str] | dict[str, int], batch_size: int, *, num_workers: int = 0, drop_last: bool = False,
                 image_size: int | None = None, **stream_args: Any) -> torch.utils.data.DataLoader:
-    """A DataLoader of collated batches over a ShardStream (stream_args go to ShardStream); with
-    `image_size`, decoded images of another size are counted and skipped, so no batch mixes sizes."""
-    if image_size is not None:
-        stream_args["transform"] = functools.partial(decode, image_size=image_size)
+    """A DataLoader of collated batches over a ShardStream (stream_args go to ShardStream). Decoded images
+    all have one size, so no batch mixes sizes: `image_size`, else the dataset's (stream_image_size); the
+    others are counted and skipped. A `transform` of its own (latent shards) decides for itself."""
+    if "transform" not in stream_args:
+        size = image_size if image_size is not None else stream_image_size(urls)
+        stream_args["transform"] = functools.partial(decode, image_size=size)
     stream = ShardStream(urls, **stream_args)
     return torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                                        drop_last=drop_last, persistent_workers=False)

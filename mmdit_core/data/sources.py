@@ -37,6 +37,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ..config import DataConfig
+from ..errors import InputError, MissingInput
 from .images import fit
 from .scenes import make_scene, render, split_indices
 from .shards import SkipCounts, sample_members
@@ -54,9 +55,9 @@ DEFAULT_PATHS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist",
 def _input_path(cfg: DataConfig) -> Path:
     path = Path(cfg.import_path or DEFAULT_PATHS.get(cfg.source, ""))
     if not cfg.import_path and cfg.source not in DEFAULT_PATHS:
-        raise ValueError(f"data.import_path is required for data.source={cfg.source}")
+        raise InputError(f"data.import_path is required for data.source={cfg.source}")
     if not path.exists():
-        raise FileNotFoundError(f"data.import_path={path} does not exist (data.source={cfg.source})")
+        raise MissingInput(f"data.import_path={path} does not exist (data.source={cfg.source})")
     return path
 
 
@@ -72,12 +73,12 @@ def read_idx(path: Path) -> np.ndarray:
     """An idx file (optionally .gz) as an array: MNIST's format, magic 0x08 then the dimension count."""
     data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte idx file")
+        raise InputError(f"{path} is not an unsigned-byte idx file")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: {body.size} bytes for shape {shape}")
+        raise InputError(f"{path} is truncated: {body.size} bytes for shape {shape}")
     return body.reshape(shape)
 
 
@@ -85,7 +86,7 @@ def _find(directory: Path, stem: str) -> Path:
     for candidate in (directory / stem, directory / f"{stem}.gz"):
         if candidate.exists():
             return candidate
-    raise FileNotFoundError(f"{directory} has no {stem}[.gz]")
+    raise MissingInput(f"{directory} has no {stem}[.gz]")
 
 
 def fashion_mnist_records(cfg: DataConfig, split: str, counts: SkipCounts) -> Iterator[Record]:
@@ -108,12 +109,12 @@ def read_table(path: Path, item_columns: tuple[str, ...], caption_field: str | N
     `caption_field` or the first of CAPTION_COLUMNS it has; empty cells become ''."""
     readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
     if path.suffix not in readers:
-        raise ValueError(f"data.import_path={path}: expected a .csv, .jsonl or .parquet table")
+        raise InputError(f"data.import_path={path}: expected a .csv, .jsonl or .parquet table")
     table = readers[path.suffix](path)
     item_column = next((c for c in item_columns if c in table.columns), None)
     caption_column = caption_field or next((c for c in CAPTION_COLUMNS if c in table.columns), None)
     if item_column is None or caption_column not in table.columns:
-        raise ValueError(f"{path} needs a column {' or '.join(item_columns)} and a caption column "
+        raise InputError(f"{path} needs a column {' or '.join(item_columns)} and a caption column "
                          f"{caption_field or ' or '.join(CAPTION_COLUMNS)}; it has {list(table.columns)}")
     cells = lambda column: ["" if pd.isna(v) else str(v).strip() for v in table[column]]  # noqa: E731
     return cells(item_column), cells(caption_column)
@@ -181,12 +182,12 @@ def shard_urls(import_path: str) -> list[str]:
     if Path(import_path).is_dir():
         urls = sorted(str(p) for p in Path(import_path).glob("*.tar"))
         if not urls:
-            raise FileNotFoundError(f"data.import_path={import_path} holds no .tar shards")
+            raise MissingInput(f"data.import_path={import_path} holds no .tar shards")
         return urls
     urls = expand_urls(import_path)
     missing = [u for u in urls if urlparse(u).scheme in ("", "file") and not Path(urlparse(u).path).exists()]
     if missing:
-        raise FileNotFoundError(f"data.import_path: {len(missing)} of {len(urls)} shards do not exist, "
+        raise MissingInput(f"data.import_path: {len(missing)} of {len(urls)} shards do not exist, "
                                 f"the first {missing[0]}")
     return urls
 
@@ -298,7 +299,7 @@ def read_source(cfg: DataConfig) -> Import:
     counts = SkipCounts()
     if cfg.source in ("webdataset", "urls"):
         if not cfg.import_path:
-            raise ValueError(f"data.import_path is required for data.source={cfg.source}")
+            raise InputError(f"data.import_path is required for data.source={cfg.source}")
         details: dict[str, Any] = {}
         if cfg.source == "urls":
             table = _input_path(cfg)

@@ -15,6 +15,7 @@ import torch
 
 from ..autoencoder import Autoencoder
 from ..config import ExperimentConfig
+from ..errors import InputError
 from ..flow import Conditioning
 from ..text import TextEncoder, text_key
 from .latents import cache_components, check_latent_cache, decode_latent_sample
@@ -64,7 +65,7 @@ def read_split(root: str, split: str, limit: int, seed: int) -> tuple[torch.Tens
     image_size = read_manifest(root)["source"].get("image_size")
     samples = sample_of_split(root, split, limit, seed, functools.partial(decode, image_size=image_size))
     if not samples:
-        raise ValueError(f"{root} split {split!r} has no readable samples")
+        raise InputError(f"{root} split {split!r} has no readable samples")
     return (torch.stack([s["image"] for s in samples]), [s["caption"] for s in samples],
             [s["attributes"] for s in samples])
 
