@@ -18,7 +18,8 @@ import html
 import json
 import math
 import tempfile
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,8 @@ AGREEMENT = (
 )  # the oracle's verdicts the CLIP score is ranked against
 TRAINED = ("val/loss", "train/img_per_s", "wall_s")  # properties of the training run: no sampling arm moves them
 NOT_COMPARABLE = "not comparable: a different loss"
+# eval-run params every FID (and KID) of one report must share, with the value of runs logged before the param
+SETUP_PARAMS = {"precision": "fp32"}
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Observation:
     metrics: dict[str, float]
     run_id: str = ""  # the eval run: its sample grid is an artifact
     clip: str = "none"  # the CLIP that scored it
+    setup: dict[str, str] = field(default_factory=dict)  # its SETUP_PARAMS
 
 
 def _same(a: str, b: str) -> bool:
@@ -118,11 +122,33 @@ def observations(client, experiment_id: str, parent_id: str, axes: dict[str, lis
                 latest[point] = (
                     ev.info.end_time or 0,
                     Observation(
-                        training, sampling, int(trial.data.tags["seed"]), {**trained, **metrics}, ev.info.run_id, clip
+                        training,
+                        sampling,
+                        int(trial.data.tags["seed"]),
+                        {**trained, **metrics},
+                        ev.info.run_id,
+                        clip,
+                        {param: ev.data.params.get(param, old) for param, old in SETUP_PARAMS.items()},
                     ),
                 )
         found += [o for _, o in latest.values()]
     return found
+
+
+def common_setup(name: str, obs: list[Observation]) -> dict[str, str]:
+    """The SETUP_PARAMS every observation shares; FIDs of different setups are never differenced, so a
+    sweep whose eval runs differ in one is refused with what differs."""
+    common = {}
+    for param in SETUP_PARAMS:
+        values = Counter(o.setup[param] for o in obs)
+        if len(values) > 1:
+            counts = ", ".join(f"{value} in {n}" for value, n in sorted(values.items()))
+            raise InputError(
+                f"sweep {name}: its eval runs differ in {param} ({counts}), so their FIDs cannot be compared; "
+                f"evaluate every trial in one (python -m ablations.sweep --reevaluate {name} --set eval.{param}=...)"
+            )
+        common[param] = next(iter(values), SETUP_PARAMS[param])
+    return common
 
 
 def arm_rows(obs: list[Observation], axes: dict[str, list[str]], axis: str) -> dict[str, dict[int, Observation]]:
@@ -301,8 +327,12 @@ def _rho(a: dict[str, float]) -> str:
     return f"{a['rho']:+.2f} (p = {a['p']:.2g})" if math.isfinite(a["rho"]) else "undefined (one side is constant)"
 
 
-def markdown(name: str, summary: dict[str, Any], seeds: int, agreement: dict[str, Any] | None = None) -> str:
+def markdown(
+    name: str, summary: dict[str, Any], seeds: int, agreement: dict[str, Any] | None = None, setup: dict | None = None
+) -> str:
     lines = [f"# Sweep {name}", ""]
+    if setup:
+        lines += ["Every FID and KID here: " + ", ".join(f"{k} {v}" for k, v in setup.items()) + ".", ""]
     if seeds < 3:
         lines += [
             f"**{seeds} seed(s) per arm: too few for confident intervals** (95% t-intervals widen sharply below 3).",
@@ -414,11 +444,12 @@ def report(name: str, tracking_uri: str | None = None, out: str | Path | None = 
     axes = json.loads(parent.data.params["sweep.axes"])
     seeds = int(parent.data.params["sweep.seeds"])
     obs = observations(client, experiment.experiment_id, parent.info.run_id, axes)
+    setup = common_setup(name, obs)
     summary, agreement = summarise(obs, axes), oracle_agreement(obs)
     out = Path(out or Path("outputs/sweeps") / name / "report")
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md", out / "report.html"]
-    files[0].write_text(markdown(name, summary, seeds, agreement))
+    files[0].write_text(markdown(name, summary, seeds, agreement, setup))
     files[1].write_text(html_page(name, summary, agreement))
     for axis, per_metric in summary.items():
         if per_metric:

@@ -36,8 +36,10 @@ from mmdit_core.data.images import to_uint8
 from mmdit_core.data.scenes import Scene, scenes_of
 from mmdit_core.data.training import read_split, validation_set
 from mmdit_core.flow import RectifiedFlow, generate
+from mmdit_core.machine import autocast, resolve_precision
 from mmdit_core.model import MMDiT
 from mmdit_core.text import TextEncoder
+from mmdit_core.timing import Phases
 from mmdit_core.trainer import validation_loss
 
 from .adherence import score_batch
@@ -128,6 +130,8 @@ class Evaluator:
     ):
         self.cfg, self.autoencoder, self.device = cfg, autoencoder, torch.device(device)
         self.num_samples, self.verbose = num_samples, verbose
+        self.precision = resolve_precision(cfg.eval.precision, self.device)  # of sampling, decoding, Inception
+        setup = Phases()  # what building it cost, before any grid point
         pixels, captions, attributes = read_split(cfg.data.root, "val", num_samples, cfg.data.seed)
         repeats = -(-num_samples // len(captions))
         self.captions = (captions * repeats)[:num_samples]
@@ -138,10 +142,14 @@ class Evaluator:
         side = cfg.eval.image_size or cfg.data.image_size  # another side than the data's: resolution transfer
         latent_shape = autoencoder.encode(torch.zeros(1, 3, side, side, device=self.device)).shape[1:]
         self.noise = torch.randn((num_samples, *latent_shape), generator=torch.Generator().manual_seed(cfg.sample.seed))
-        self.inception = Inception(self.device)
-        self.reference, self.reference_key = reference_statistics(cfg, self.inception, num_samples, verbose)
-        self.floor = self._real_vs_real(verbose)
-        self.clip, clip_notice = load_clip_score(cfg.eval.clip_model, self.device, cfg.data.root)
+        self.inception = Inception(self.device, self.precision)
+        with setup("reference_statistics"):
+            self.reference, self.reference_key = reference_statistics(cfg, self.inception, num_samples, verbose)
+        with setup("real_vs_real"):
+            self.floor = self._real_vs_real(verbose)
+        with setup("clip_load"):
+            self.clip, clip_notice = load_clip_score(cfg.eval.clip_model, self.device, cfg.data.root)
+        self.setup_seconds = setup.as_metrics("")
         self.notices = [n for n in (adherence_notice, clip_notice) if n]
         for notice in self.notices:
             print(notice)
@@ -165,60 +173,71 @@ class Evaluator:
 
     @torch.no_grad()
     def sample(
-        self, model: torch.nn.Module, flow: RectifiedFlow, setting: Setting, directory: Path
+        self, model: torch.nn.Module, flow: RectifiedFlow, setting: Setting, directory: Path, phases: Phases
     ) -> tuple[np.ndarray, float]:
-        """(N, H, W, 3) uint8 samples, also written to `directory` as PNG files; and images per second."""
+        """(N, H, W, 3) uint8 samples, also written to `directory` as PNG files; and images per second
+        (sampling and decoding). Both run in the evaluator's precision; the ODE state stays fp32."""
         sample_cfg, batch = setting.sample_config(self.cfg.sample), self.cfg.eval.batch_size
         model.eval()
         chunks, started = [], time.perf_counter()
         for start in tqdm(range(0, self.num_samples, batch), desc=f"sampling {setting.name}", disable=not self.verbose):
             rows = slice(start, start + batch)
-            latents = generate(
-                model,
-                flow,
-                self.noise[rows].to(self.device),
-                self.cond[rows].to(self.device),
-                self.null.to(self.device),
-                sample_cfg,
-            )
-            chunks.append(to_uint8(self.autoencoder.decode(latents)))
+            with phases("sampling"), autocast(self.precision, self.device):
+                latents = generate(
+                    model,
+                    flow,
+                    self.noise[rows].to(self.device),
+                    self.cond[rows].to(self.device),
+                    self.null.to(self.device),
+                    sample_cfg,
+                )
+            with phases("decoding"), autocast(self.precision, self.device):
+                chunks.append(to_uint8(self.autoencoder.decode(latents).float()))
         img_per_s = self.num_samples / (time.perf_counter() - started)
-        images = np.concatenate(chunks)
-        shutil.rmtree(directory, ignore_errors=True)  # an earlier, larger evaluation must not leave files in the set
-        directory.mkdir(parents=True)
-        for i, image in enumerate(images):
-            Image.fromarray(image).save(directory / f"{i:06d}.png")
+        with phases("writing"):
+            images = np.concatenate(chunks)
+            shutil.rmtree(directory, ignore_errors=True)  # an earlier, larger evaluation must not leave files
+            directory.mkdir(parents=True)
+            for i, image in enumerate(images):
+                Image.fromarray(image).save(directory / f"{i:06d}.png")
         return images, img_per_s
 
     def run(self, model: torch.nn.Module, flow: RectifiedFlow, setting: Setting, directory: Path) -> dict[str, float]:
-        """Sample, then FID, KID, adherence and CLIP score of one setting; a sample grid in `directory`."""
-        images, img_per_s = self.sample(model, flow, setting, directory / setting.name / "images")
-        generated = Statistics(
-            folder_features(
-                directory / setting.name / "images",
-                self.inception,
-                self.cfg.eval.batch_size,
-                self.cfg.eval.num_workers,
-                f"Inception {setting.name}",
-                self.verbose,
+        """Sample, then FID, KID, adherence and CLIP score of one setting; a sample grid in `directory`. The
+        metrics include the wall seconds of each phase (seconds_sampling, seconds_inception, ...)."""
+        phases = Phases()
+        images, img_per_s = self.sample(model, flow, setting, directory / setting.name / "images", phases)
+        with phases("inception"):  # reading and resizing (clean-fid) included
+            generated = Statistics(
+                folder_features(
+                    directory / setting.name / "images",
+                    self.inception,
+                    self.cfg.eval.batch_size,
+                    self.cfg.eval.num_workers,
+                    f"Inception {setting.name}",
+                    self.verbose,
+                )
             )
-        )
-        metrics = {
-            "fid": fid(generated, self.reference),
-            "kid": kid(generated, self.reference),
-            "num_samples": float(self.num_samples),
-            "sample_img_per_s": img_per_s,
-        }
+        with phases("fid_kid"):
+            metrics = {
+                "fid": fid(generated, self.reference),
+                "kid": kid(generated, self.reference),
+                "num_samples": float(self.num_samples),
+                "sample_img_per_s": img_per_s,
+            }
         if self.scenes is not None:
-            adherence = score_batch(images, self.scenes).as_dict()
+            with phases("oracle"):
+                adherence = score_batch(images, self.scenes).as_dict()
             metrics.update({f"adherence_{k}": adherence[k] for k in ADHERENCE})
         chw = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
         if self.clip is not None:
-            metrics["clip_score"] = self.clip(chw, self.captions, self.cfg.eval.batch_size)
-        sample_grid(chw[:GRID_IMAGES].float() / 127.5 - 1, self.captions[:GRID_IMAGES]).save(
-            directory / f"grid_{setting.name}.png"
-        )
-        return metrics
+            with phases("clip"):
+                metrics["clip_score"] = self.clip(chw, self.captions, self.cfg.eval.batch_size)
+        with phases("grid"):
+            sample_grid(chw[:GRID_IMAGES].float() / 127.5 - 1, self.captions[:GRID_IMAGES]).save(
+                directory / f"grid_{setting.name}.png"
+            )
+        return metrics | phases.as_metrics()
 
 
 # ---- one checkpoint -------------------------------------------------------------------------------
@@ -246,7 +265,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{ref['images']} images of the {ref['split']} split (clean-fid protocol, Inception-v3 pool features). "
         f"FID is biased upward at small N: compare rows with the same N only. Real images of the "
         f"{report['real_vs_real']['split']} split score FID {report['real_vs_real']['fid']:.2f}, KID ×10³ "
-        f"{1e3 * report['real_vs_real']['kid']:.2f} (N={report['real_vs_real']['images']}): the floor at this N.",
+        f"{1e3 * report['real_vs_real']['kid']:.2f} (N={report['real_vs_real']['images']}): the floor at this N. "
+        f"Sampling, decoding and Inception features in {report['precision']}: compare FIDs of one precision only.",
         *(
             [
                 f"Sampled at {report['transfer_size']}×{report['transfer_size']}, another side than the data's "
@@ -292,6 +312,12 @@ def markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"t={float(t):.3f}: {v:.4f}" for t, v in val.items()),
         "",
     ]
+    phases = {"setup": sum(report["setup_seconds"].values())}
+    for point in report["points"]:
+        for name, seconds in point["metrics"].items():
+            if name.startswith("seconds_"):
+                phases[name.removeprefix("seconds_")] = phases.get(name.removeprefix("seconds_"), 0.0) + seconds
+    lines += ["Wall time by phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), ""]
     lines += [f"- {notice}" for notice in report["notices"]]
     return "\n".join(lines) + "\n"
 
@@ -343,6 +369,7 @@ def evaluate_checkpoint(
         "weights": cfg.eval.weights,
         "num_samples": cfg.eval.num_samples,
         "transfer_size": cfg.eval.image_size,  # sampled at another side than the data's (None: the data's)
+        "precision": evaluator.precision,  # of sampling, decoding and Inception features
         "reference": evaluator.reference_key,
         "real_vs_real": evaluator.floor,
         "oracle_on_real_images": evaluator.oracle,
@@ -350,6 +377,7 @@ def evaluate_checkpoint(
         "val_loss_by_t": {f"{t:.3f}": v for t, v in val.items()},
         "points": points,
         "clip": evaluator.clip_name,
+        "setup_seconds": evaluator.setup_seconds,
         "notices": evaluator.notices,
         "out": str(out),
     }

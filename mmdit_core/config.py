@@ -287,6 +287,11 @@ class EvalConfig(Section):
         description="side of the sampled images (default data.image_size); "
         "another side tests resolution transfer: the model samples another latent grid",
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="of sampling, decoding and Inception features: `auto` is bf16 where the device computes "
+        "it natively (CUDA; a CPU with AMX or AVX-512 BF16), else fp32; part of every FID's setup",
+    )
     clip_model: str | None = Field(
         TRAINED_CLIP,
         description="CLIP of the CLIP score: `trained` (the one experiments."

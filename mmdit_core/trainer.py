@@ -12,7 +12,6 @@ loss use the bare module.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -25,15 +24,11 @@ from .config import ExperimentConfig
 from .ema import EMA
 from .errors import InputError
 from .flow import Conditioning, RectifiedFlow
+from .machine import autocast
 
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row: the run cannot recover by skipping."""
-
-
-def autocast(precision: str, device: torch.device):
-    """`train.precision`: bf16 autocast (CPU or GPU) or plain fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def all_finite(values: dict[str, torch.Tensor]) -> dict[str, bool]:

@@ -16,7 +16,17 @@ from PIL import Image
 
 from eval import evaluator
 from eval.clip_score import load_clip_score
-from eval.fid import PROTOCOL, Inception, Statistics, fid, folder_features, image_files, kid, reference_statistics
+from eval.fid import (
+    PROTOCOL,
+    Inception,
+    Statistics,
+    fid,
+    folder_features,
+    image_files,
+    kid,
+    reference_key,
+    reference_statistics,
+)
 from experiments import evaluate, prepare_data
 from experiments.tracking import RUN_KEY_TAG
 from mmdit_core.autoencoder import Autoencoder
@@ -108,6 +118,31 @@ def test_reference_statistics_are_cached_and_a_changed_dataset_misses(tmp_path, 
     assert not key_changed["cached"] and key_changed["data"] != key["data"] and key_changed["file"] != key["file"]
     assert not np.array_equal(stale.features, first.features)
     assert len(list((tmp_path / "stats").glob("*.npz"))) == 2
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it(monkeypatch):
+    from mmdit_core import machine
+
+    cpu = torch.device("cpu")
+    for flags, native in (({"avx2", "fma"}, False), ({"avx2", "avx512_bf16"}, True), ({"amx_bf16"}, True)):
+        monkeypatch.setattr(machine, "cpu_flags", lambda flags=flags: flags)
+        assert machine.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+        assert machine.resolve_precision("fp32", cpu) == "fp32" and machine.resolve_precision("bf16", cpu) == "bf16"
+
+
+def test_bf16_features_are_close_but_keyed_apart(tmp_path, image_sets, inception):
+    bf16 = Inception(precision="bf16")
+    fp32_features = folder_features(image_sets["a"], inception, verbose=False)
+    bf16_features = folder_features(image_sets["a"], bf16, verbose=False)
+    assert bf16_features.dtype == np.float32 and not np.array_equal(bf16_features, fp32_features)
+    cosine = (fp32_features * bf16_features).sum(1) / (
+        np.linalg.norm(fp32_features, axis=1) * np.linalg.norm(bf16_features, axis=1)
+    )
+    assert cosine.min() > 0.99
+    cfg = load_config(TINY, [f"data.root={tmp_path / 'scenes'}", f"eval.stats_dir={tmp_path / 'stats'}"])
+    prepare_data.prepare(cfg)
+    keys = [reference_key(cfg, "val", 6, extractor) for extractor in (inception, bf16)]
+    assert keys[0]["precision"] == "fp32" and keys[1]["precision"] == "bf16" and keys[0] != keys[1]
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +254,11 @@ def test_evaluate_cli_writes_report_and_nested_mlflow_runs(tmp_path, tiny_clip):
     assert saved["real_vs_real"]["split"] == "val" and saved["real_vs_real"]["fid"] < metrics["fid"]
     assert "| euler | 2 | 3 |" in (out / "report.md").read_text() and "N=6" in (out / "report.md").read_text()
     assert saved["clip"] == str(tiny_clip) and f"CLIP score by: {tiny_clip}." in (out / "report.md").read_text()
+    phases = {"sampling", "decoding", "writing", "inception", "fid_kid", "oracle", "clip", "grid"}
+    assert {f"seconds_{p}" for p in phases} <= set(metrics) and all(metrics[f"seconds_{p}"] >= 0 for p in phases)
+    assert set(saved["setup_seconds"]) == {"reference_statistics", "real_vs_real", "clip_load"}
+    assert saved["precision"] in ("fp32", "bf16") and saved["reference"]["precision"] == saved["precision"]
+    assert "Wall time by phase (s): setup" in (out / "report.md").read_text()
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.name)
@@ -228,6 +268,7 @@ def test_evaluate_cli_writes_report_and_nested_mlflow_runs(tmp_path, tiny_clip):
     assert {c.data.tags["clip_model"] for c in children} == {str(tiny_clip)}  # which CLIP scored, on every eval run
     history = client.get_metric_history(children[0].info.run_id, "eval/fid")
     assert [m.step for m in history] == [2]
+    assert {c.data.params["precision"] for c in children} == {saved["precision"]}
 
     # the same checkpoint again, with a stray file in a sample folder: cache hit, the folder rewritten, no new runs
     (out / "euler-1-cfg3" / "images" / "999999.png").write_bytes(

@@ -13,6 +13,7 @@ from experiments import prepare_data, train_clip
 from experiments.rank_loop import Faults
 from experiments.tracking import RUN_KEY_TAG
 from mmdit_core.config import load_config
+from mmdit_core.errors import InputError
 
 TINY = Path(__file__).parent / "tiny_train.yaml"
 
@@ -192,6 +193,18 @@ def test_the_report_ranks_clip_score_against_the_oracle_and_names_the_clips():
     mixed = report.oracle_agreement(observations)
     assert "eval/adherence_whole" not in mixed  # no ranking across two CLIPs' scales
     assert "**CLIP scores come from 2 different CLIPs, which are not comparable**" in report.agreement_lines(mixed)[0]
+
+
+def test_the_report_never_differences_fids_of_different_feature_precisions():
+    def obs(seed, precision):
+        return report.Observation({"pos_emb": "learned"}, {}, seed, {"eval/fid": 50.0}, setup={"precision": precision})
+
+    assert report.common_setup("s", [obs(s, "bf16") for s in range(3)]) == {"precision": "bf16"}
+    assert "Every FID and KID here: precision bf16." in report.markdown("s", {}, 3, setup={"precision": "bf16"})
+    with pytest.raises(InputError) as refused:
+        report.common_setup("s", [obs(0, "fp32"), obs(1, "bf16"), obs(2, "bf16")])
+    assert str(refused.value).startswith("sweep s: its eval runs differ in precision (bf16 in 2, fp32 in 1)")
+    assert "--reevaluate s --set eval.precision=" in str(refused.value)
 
 
 def test_sampling_arms_of_one_grid_axis_share_one_evaluation(monkeypatch):
