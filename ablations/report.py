@@ -67,6 +67,10 @@ AGREEMENT = (
 )  # the oracle's verdicts the CLIP score is ranked against
 TRAINED = ("val/loss", "train/img_per_s", "wall_s")  # properties of the training run: no sampling arm moves them
 NOT_COMPARABLE = "not comparable: a different loss"
+# wall seconds by phase, in the cost table's order: of a trial's training (its run's time/<phase>_s) and of
+# each of its evaluations (the eval runs' eval/seconds_<phase>)
+TRAINING_PHASES = ("ray_start", "workers_and_placement", "setup", "data", "steps", "checkpoint", "quick_eval", "finish")
+EVAL_PHASES = ("sampling", "decoding", "writing", "inception", "fid_kid", "oracle", "clip", "grid")
 # eval-run params every FID (and KID) of one report must share, with the value of runs logged before the param
 SETUP_PARAMS = {"precision": "fp32"}
 
@@ -82,6 +86,7 @@ class Observation:
     run_id: str = ""  # the eval run: its sample grid is an artifact
     clip: str = "none"  # the CLIP that scored it
     setup: dict[str, str] = field(default_factory=dict)  # its SETUP_PARAMS
+    seconds: dict[str, float] = field(default_factory=dict)  # its trial's training phases, its evaluation's phases
 
 
 def _same(a: str, b: str) -> bool:
@@ -107,6 +112,9 @@ def observations(client, experiment_id: str, parent_id: str, axes: dict[str, lis
         trained = {
             k: v for k, v in trial.data.metrics.items() if k in TRAINED
         }  # wall_s: its attempts, not its downtime
+        training_seconds = {
+            p: trial.data.metrics[f"time/{p}_s"] for p in TRAINING_PHASES if f"time/{p}_s" in trial.data.metrics
+        }
         for ev in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{trial.info.run_id}'"):
             sampling = {}
             for name in sampling_axes:
@@ -129,6 +137,12 @@ def observations(client, experiment_id: str, parent_id: str, axes: dict[str, lis
                         ev.info.run_id,
                         clip,
                         {param: ev.data.params.get(param, old) for param, old in SETUP_PARAMS.items()},
+                        training_seconds
+                        | {
+                            f"eval_{p}": ev.data.metrics[f"eval/seconds_{p}"]
+                            for p in EVAL_PHASES
+                            if f"eval/seconds_{p}" in ev.data.metrics
+                        },
                     ),
                 )
         found += [o for _, o in latest.values()]
@@ -214,6 +228,30 @@ def sampling_curves(
         label: {arm: mean_interval(by_arm[arm]) for arm in axes[sampling_axis] if arm in by_arm}
         for label, by_arm in values.items()
     }
+
+
+def cost_table(obs: list[Observation]) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows): each trial's wall seconds by phase (training once, its evaluations summed) and the
+    sweep's total; None when no run recorded its phases."""
+    trials: dict[tuple[str, int], dict[str, float]] = {}
+    for o in obs:
+        row = trials.setdefault(
+            (training_label(o), o.seed), {p: o.seconds[p] for p in TRAINING_PHASES if p in o.seconds}
+        )
+        for phase in (f"eval_{p}" for p in EVAL_PHASES if f"eval_{p}" in o.seconds):
+            row[phase] = row.get(phase, 0.0) + o.seconds[phase]
+    columns = [
+        c for c in (*TRAINING_PHASES, *(f"eval_{p}" for p in EVAL_PHASES)) if any(c in r for r in trials.values())
+    ]
+    if not columns:
+        return None
+    total = {c: sum(r.get(c, 0.0) for r in trials.values()) for c in columns}
+    rows = [
+        [label, str(seed), *(f"{r.get(c, 0.0):.1f}" for c in columns), f"{sum(r.values()):.1f}"]
+        for (label, seed), r in sorted(trials.items())
+    ]
+    rows.append(["all trials", "", *(f"{total[c]:.1f}" for c in columns), f"{sum(total.values()):.1f}"])
+    return ["trial", "seed", *columns, "total"], rows
 
 
 def _interval(i: Interval | None, scale: float = 1.0) -> str:
@@ -328,7 +366,12 @@ def _rho(a: dict[str, float]) -> str:
 
 
 def markdown(
-    name: str, summary: dict[str, Any], seeds: int, agreement: dict[str, Any] | None = None, setup: dict | None = None
+    name: str,
+    summary: dict[str, Any],
+    seeds: int,
+    agreement: dict[str, Any] | None = None,
+    setup: dict | None = None,
+    cost: tuple[list[str], list[list[str]]] | None = None,
 ) -> str:
     lines = [f"# Sweep {name}", ""]
     if setup:
@@ -339,7 +382,7 @@ def markdown(
             "",
         ]
     lines += ["## Headline", "", *headline(summary), "", *agreement_lines(agreement)]
-    for title, header, rows in tables(summary):
+    for title, header, rows in tables(summary) + ([("Cost: wall seconds by phase", *cost)] if cost else []):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     return "\n".join(lines)
@@ -449,7 +492,7 @@ def report(name: str, tracking_uri: str | None = None, out: str | Path | None = 
     out = Path(out or Path("outputs/sweeps") / name / "report")
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md", out / "report.html"]
-    files[0].write_text(markdown(name, summary, seeds, agreement, setup))
+    files[0].write_text(markdown(name, summary, seeds, agreement, setup, cost_table(obs)))
     files[1].write_text(html_page(name, summary, agreement))
     for axis, per_metric in summary.items():
         if per_metric:

@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
         f"val loss {summary['val_loss']:.4f}   train loss (last {cfg.train.log_every} steps) "
         f"{summary['train_loss_last']:.4f}   stages (s): {json.dumps(seconds)}"
     )
+    print(f"training by phase (s): {json.dumps(summary.get('phase_seconds', {}))}")
     m = summary["eval"]
     line = f"eval on {int(m['num_samples'])} samples for held-out captions: FID {m['fid']:.1f}  KID {m['kid']:.4f}"
     if "adherence_colour" in m:  # the oracle scores the built-in scenes only

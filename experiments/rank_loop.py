@@ -28,9 +28,12 @@ from mmdit_core.data.training import TrainingData, validation_set
 from mmdit_core.flow import RectifiedFlow, generate
 from mmdit_core.model import MMDiT
 from mmdit_core.text import TextEncoder
+from mmdit_core.timing import Phases
 from mmdit_core.trainer import Trainer
 
 from .tracking import Tracker
+
+PHASES_FILE = "phases.json"  # rank 0's wall seconds by phase in the run's last attempt, read by the driver
 
 
 @dataclass
@@ -240,6 +243,7 @@ class RankLoop:
     def __init__(self, launch: Launch, rank: int, world_size: int, device: torch.device):
         import ray.train.torch
 
+        started, self.phases = time.perf_counter(), Phases()  # this attempt's wall time by phase
         self.cfg = cfg = ExperimentConfig.from_yaml(launch.config)
         self.launch, self.rank, self.world_size, self.device = launch, rank, world_size, device
         self.faults = Faults(**launch.faults)
@@ -260,6 +264,7 @@ class RankLoop:
             cfg, self.autoencoder, self.encoder, rank=rank, world_size=world_size, position=self.trainer.data_position
         )
         self.rank_zero = RankZero(self) if rank == 0 else None
+        self.phases.add("setup", time.perf_counter() - started)
 
     def run(self) -> None:
         cfg, trainer, zero = self.cfg, self.trainer, self.rank_zero
@@ -267,10 +272,12 @@ class RankLoop:
         throughput = Throughput()
         batches = iter(self.data)
         while trainer.step < cfg.train.steps:
-            x0, cond = next(batches)
+            with self.phases("data"):
+                x0, cond = next(batches)
             step = trainer.step + 1
             self.faults.inject(step, x0, self.rank, self.run_dir)
-            metrics = trainer.train_step(x0, cond)
+            with self.phases("steps"):
+                metrics = trainer.train_step(x0, cond)
             window.append(metrics["loss"])
             throughput.add(cfg.train.batch_size * self.world_size)
             if zero:
@@ -281,13 +288,15 @@ class RankLoop:
                     zero.log_train(step, loss, metrics, throughput.rate())
                 window = []
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                with throughput.paused():  # validation and saving are not training throughput
+                with throughput.paused(), self.phases("checkpoint"):  # validating and saving: not throughput
                     self.checkpoint(step, metrics)
             if cfg.eval.every and step % cfg.eval.every == 0 and zero:
-                with throughput.paused():
+                with throughput.paused(), self.phases("quick_eval"):
                     zero.quick_eval(step)
         if zero:
-            zero.finish()
+            with self.phases("finish"):
+                zero.finish()
+            (self.run_dir / PHASES_FILE).write_text(json.dumps(self.phases.as_metrics(""), indent=2))
         print(
             f"rank {self.rank}: done at step {trainer.step}; {self.data.counts.report()}; "
             f"{trainer.skipped_steps} non-finite steps skipped"

@@ -30,10 +30,11 @@ from mmdit_core.autoencoder import Autoencoder
 from mmdit_core.config import ExperimentConfig
 from mmdit_core.data.shards import read_manifest
 from mmdit_core.data.training import latent_cache_shards
+from mmdit_core.timing import Phases
 
 from .cli import add_tracking_uri, config_parser, resolve_config, run_command
 from .cluster import start_ray
-from .rank_loop import Faults, Launch, RankLoop
+from .rank_loop import PHASES_FILE, Faults, Launch, RankLoop
 from .tracking import Tracker, default_uri, git_commit
 
 
@@ -165,6 +166,15 @@ def torch_trainer(cfg: ExperimentConfig, launch: Launch, storage: str):
     )
 
 
+def training_phases(driver: Phases, rank_file: Path) -> dict[str, float]:
+    """Where a run's wall time went: Ray's start, rank 0's phases of the last attempt (setup, data, steps,
+    checkpoint, quick_eval, finish) and what trainer.fit spent beyond them (Ray Train's worker start-up
+    and placement, earlier attempts, reports)."""
+    rank = json.loads(rank_file.read_text()) if rank_file.is_file() else {}
+    outside = driver.seconds["fit"] - sum(rank.values())
+    return {"ray_start": round(driver.seconds["ray_start"], 3), **rank, "workers_and_placement": round(outside, 3)}
+
+
 def fit(
     cfg: ExperimentConfig,
     *,
@@ -187,12 +197,16 @@ def fit(
     launch = Launch(cfg.to_yaml(), name, str(run_dir), uri, asdict(faults or Faults()))
     set_ray_environment()
     status, error, summary = "FAILED", None, {"run_name": name}
+    phases = Phases()
     try:
-        start_ray(address)
-        with sigterm_raises_killed():  # after ray.init, which installs its own handler
+        with phases("ray_start"):
+            start_ray(address)
+        with sigterm_raises_killed(), phases("fit"):  # after ray.init, which installs its own handler
             result = fit_interruptibly(torch_trainer(cfg, launch, storage))
         if (run_dir / "summary.json").exists():
             summary.update(json.loads((run_dir / "summary.json").read_text()))
+        summary["phase_seconds"] = training_phases(phases, run_dir / PHASES_FILE)
+        tracker.log_metrics({f"time/{k}_s": v for k, v in summary["phase_seconds"].items()}, step=cfg.train.steps)
         if result.checkpoint is not None:
             summary["checkpoint"] = result.checkpoint.path
             tracker.set_tags({"final_checkpoint": result.checkpoint.path})

@@ -20,7 +20,10 @@ class Phases:
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            self.add(name, time.perf_counter() - started)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def as_metrics(self, prefix: str = "seconds_") -> dict[str, float]:
         return {f"{prefix}{name}": round(seconds, 3) for name, seconds in self.seconds.items()}

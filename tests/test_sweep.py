@@ -82,6 +82,9 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
     assert (tmp_path / "report" / "cfg_scale_by_trained_arm.png").is_file()
     assert written["summary"]["cfg_scale"]["eval/fid"]["2.0"]["mean"].n == 1
     assert written["agreement"] is None and "CLIP score" not in text  # trained without a CLIP: none scored
+    assert "Every FID and KID here: precision " in text and "## Cost: wall seconds by phase" in text
+    cost = text.split("## Cost: wall seconds by phase")[1]
+    assert "| steps |" in cost and "| eval_inception |" in cost and "| all trials |" in cost
 
     # a CLIP trained for the sweep's data afterwards: the trials are evaluated again from their checkpoints
     fids = {
@@ -205,6 +208,20 @@ def test_the_report_never_differences_fids_of_different_feature_precisions():
         report.common_setup("s", [obs(0, "fp32"), obs(1, "bf16"), obs(2, "bf16")])
     assert str(refused.value).startswith("sweep s: its eval runs differ in precision (bf16 in 2, fp32 in 1)")
     assert "--reevaluate s --set eval.precision=" in str(refused.value)
+
+
+def test_the_cost_table_counts_each_trials_training_once_and_sums_its_evaluations():
+    def obs(arm, seed, cfg_scale, steps, inception):
+        seconds = {"ray_start": 1.0, "steps": steps, "eval_sampling": 2.0, "eval_inception": inception}
+        return report.Observation({"pos_emb": arm}, {"cfg_scale": cfg_scale}, seed, {}, seconds=seconds)
+
+    observations = [obs("learned", 0, c, 10.0, 4.0) for c in ("1.0", "2.0")] + [obs("none", 0, "1.0", 20.0, 5.0)]
+    header, rows = report.cost_table(observations)
+    assert header == ["trial", "seed", "ray_start", "steps", "eval_sampling", "eval_inception", "total"]
+    assert rows[0] == ["pos_emb=none", "0", "1.0", "20.0", "2.0", "5.0", "28.0"]
+    assert rows[1] == ["reference", "0", "1.0", "10.0", "4.0", "8.0", "23.0"]  # two evaluations, one training
+    assert rows[2] == ["all trials", "", "2.0", "30.0", "6.0", "13.0", "51.0"]
+    assert report.cost_table([report.Observation({}, {}, 0, {})]) is None
 
 
 def test_sampling_arms_of_one_grid_axis_share_one_evaluation(monkeypatch):

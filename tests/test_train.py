@@ -208,8 +208,22 @@ def test_quick_eval_during_training_logs_fid_and_adherence(workdir, local_ray):
             "eval.clip_model": "null",
         },
     )
-    assert train.fit(cfg, tracking_uri=uri)["status"] == "FINISHED"
+    summary = train.fit(cfg, tracking_uri=uri)
+    assert summary["status"] == "FINISHED"
+    phases = summary["phase_seconds"]  # where the wall time went, rank 0's phases and Ray's around them
+    assert set(phases) == {
+        "ray_start",
+        "setup",
+        "data",
+        "steps",
+        "checkpoint",
+        "quick_eval",
+        "finish",
+        "workers_and_placement",
+    }
+    assert all(seconds >= 0 for seconds in phases.values()) and phases["steps"] > 0
     (run,) = runs(uri, cfg.name, cfg.run_name())
     client = MlflowClient(uri)
+    assert run.data.metrics["time/steps_s"] == phases["steps"]
     for metric in ("eval/fid", "eval/kid", "eval/adherence_colour"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [2, 4]
