@@ -56,12 +56,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 # The performance benchmark at the demo config (its data, autoencoder and latent cache are made first if missing):
-# outputs/bench.json and outputs/bench.md. Minutes here; README has the latest table.
+# outputs/bench.json and outputs/bench.md. `make bench BENCH_ARGS=--full` adds the compiled arm, the larger
+# config and the scaling rows (docs/performance.md has the latest tables).
+BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m experiments.prepare_data --config experiments/configs/demo.yaml
 	$(PY) -m experiments.train_autoencoder --config experiments/configs/demo.yaml --reuse
 	$(PY) -m experiments.cache_latents --config experiments/configs/demo.yaml --reuse
-	$(PY) -m experiments.bench --config experiments/configs/demo.yaml --out outputs/bench.json
+	$(PY) -m experiments.bench --config experiments/configs/demo.yaml --out outputs/bench.json $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

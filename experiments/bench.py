@@ -1,13 +1,13 @@
 """Benchmarks (numbers for the README; never run as timed tests). `make bench` runs the demo config.
 
-    python -m experiments.bench --config C [--set k=v ...] [--larger k=v ...] [--precisions fp32,bf16]
+    python -m experiments.bench --config C [--set k=v ...] [--full] [--larger k=v ...] [--precisions fp32,bf16]
                                 [--no-compile] [--device cpu|cuda] [--repeats 5] [--out outputs/bench.json]
 
-In one process: the training step of this project's MMDiT (eager, with activation checkpointing, and
-torch.compile'd) against diffusers'
-SD3Transformer2DModel at equal shapes, at the config and at a larger one, in each precision: median
+In one process: the training step of this project's MMDiT (eager and with activation checkpointing; with
+--full also torch.compile'd, and at a larger config) against diffusers'
+SD3Transformer2DModel at equal shapes, in each precision: median
 ms/step, images/s, counted FLOPs, MFU against the matmul peak measured in the same run, peak memory
-(bench_step.py); this MMDiT's step time and memory over 64 → 1024 image tokens and over depth;
+(bench_step.py); with --full, this MMDiT's step time and memory over 64 → 1024 image tokens and over depth;
 sampling at 4, 8 and 25 Euler steps (CFG batched, and CFG 1 with no null pass); the real training step
 with the loss in latent space against image space (through the frozen decoder); the loader from image
 shards and from the latent cache with 0 and `data.num_workers` workers; Inception-v3 features at
@@ -143,15 +143,17 @@ def training_benchmarks(
     precisions: list[str],
     repeats: int,
     device: torch.device,
+    full: bool,
     compiled: bool,
     matmul_size: int | None = None,
 ) -> dict:
-    """Matmul peaks, the model comparison at both configs and every precision, the scaling rows."""
+    """Matmul peaks, the model comparison at every precision (with `full`: also at the larger config, and
+    the scaling rows)."""
     batch, text_tokens = cfg.train.batch_size, cfg.text.max_length
     sizes = (matmul_size,) if matmul_size else (2048, 4096, 8192) if device.type == "cuda" else (256, 512, 1024)
     peaks = {p: matmul_peak(DTYPES[p], device, repeats, sizes) for p in precisions}  # p -> (FLOP/s, n)
     rows, speedups = [], {}
-    for name, model in (("default", cfg.model), ("larger", larger.model)):
+    for name, model in (("default", cfg.model), ("larger", larger.model))[: 2 if full else 1]:
         for precision in precisions:
             compared = compare_models(
                 model, batch, text_tokens, precision, peaks[precision][0], repeats, device, compiled
@@ -165,7 +167,7 @@ def training_benchmarks(
         "matmul_peak": {p: {"gflop_per_s": round(rate / 1e9, 1), "n": n} for p, (rate, n) in peaks.items()},
         "training_step": rows,
         "speedup_vs_diffusers": speedups,
-        "scaling": scaling(cfg.model, batch, text_tokens, precisions[0], repeats, device),
+        **({"scaling": scaling(cfg.model, batch, text_tokens, precisions[0], repeats, device)} if full else {}),
     }
 
 
@@ -206,9 +208,9 @@ def markdown(results: dict) -> str:
                 for setting, by_model in results["speedup_vs_diffusers"].items()
             ),
             "",
-            "| image tokens | depth | ms/step | GFLOP/step | peak MiB |",
-            "|---|---|---|---|---|",
         ]
+    if "scaling" in results:
+        lines += ["| image tokens | depth | ms/step | GFLOP/step | peak MiB |", "|---|---|---|---|---|"]
         lines += [
             f"| {r['image_tokens']} | {r['depth']} | {1e3 * r['seconds_per_step']:.1f} | {r['gflop_per_step']:.2f} | "
             f"{r['peak_mib']:.0f} |"
@@ -310,6 +312,11 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--precisions", type=lambda s: s.split(","), default=["fp32", "bf16"], help="comma-separated: fp32,bf16"
     )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole table (minutes more): the compiled arm, the larger config, scaling over tokens and depth",
+    )
     parser.add_argument("--no-compile", dest="compiled", action="store_false", help="skip the torch.compile arm")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
@@ -347,7 +354,14 @@ def main(argv=None) -> dict:
     results |= run_sections(
         {
             "training": lambda: training_benchmarks(
-                cfg, larger, args.precisions, args.repeats, device, args.compiled, args.matmul_size
+                cfg,
+                larger,
+                args.precisions,
+                args.repeats,
+                device,
+                args.full,
+                args.full and args.compiled,
+                args.matmul_size,
             ),
             "sampling": lambda: sampling_benchmarks(cfg, args.repeats, device),
             "loader": lambda: loader_benchmarks(cfg, args.seconds),

@@ -90,6 +90,7 @@ def test_data_stage_commands(tmp_path, capsys, monkeypatch):
             "1",
             "--inception-batch",
             "2",
+            "--full",
             "--no-compile",
             "--matmul-size",
             "128",
