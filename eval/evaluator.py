@@ -36,7 +36,7 @@ from mmdit_core.data.images import to_uint8
 from mmdit_core.data.scenes import Scene, scenes_of
 from mmdit_core.data.training import read_split, validation_set
 from mmdit_core.flow import RectifiedFlow, generate
-from mmdit_core.machine import autocast, resolve_precision
+from mmdit_core.machine import resolve_precision
 from mmdit_core.model import MMDiT
 from mmdit_core.text import TextEncoder
 from mmdit_core.timing import Phases
@@ -130,7 +130,7 @@ class Evaluator:
     ):
         self.cfg, self.autoencoder, self.device = cfg, autoencoder, torch.device(device)
         self.num_samples, self.verbose = num_samples, verbose
-        self.precision = resolve_precision(cfg.eval.precision, self.device)  # of sampling, decoding, Inception
+        self.precision = resolve_precision(cfg.eval.precision, self.device)  # of the Inception features
         setup = Phases()  # what building it cost, before any grid point
         pixels, captions, attributes = read_split(cfg.data.root, "val", num_samples, cfg.data.seed)
         repeats = -(-num_samples // len(captions))
@@ -176,13 +176,13 @@ class Evaluator:
         self, model: torch.nn.Module, flow: RectifiedFlow, setting: Setting, directory: Path, phases: Phases
     ) -> tuple[np.ndarray, float]:
         """(N, H, W, 3) uint8 samples, also written to `directory` as PNG files; and images per second
-        (sampling and decoding). Both run in the evaluator's precision; the ODE state stays fp32."""
+        (sampling and decoding, both in fp32)."""
         sample_cfg, batch = setting.sample_config(self.cfg.sample), self.cfg.eval.batch_size
         model.eval()
         chunks, started = [], time.perf_counter()
         for start in tqdm(range(0, self.num_samples, batch), desc=f"sampling {setting.name}", disable=not self.verbose):
             rows = slice(start, start + batch)
-            with phases("sampling"), autocast(self.precision, self.device):
+            with phases("sampling"):
                 latents = generate(
                     model,
                     flow,
@@ -191,8 +191,8 @@ class Evaluator:
                     self.null.to(self.device),
                     sample_cfg,
                 )
-            with phases("decoding"), autocast(self.precision, self.device):
-                chunks.append(to_uint8(self.autoencoder.decode(latents).float()))
+            with phases("decoding"):
+                chunks.append(to_uint8(self.autoencoder.decode(latents)))
         img_per_s = self.num_samples / (time.perf_counter() - started)
         with phases("writing"):
             images = np.concatenate(chunks)
@@ -266,7 +266,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"FID is biased upward at small N: compare rows with the same N only. Real images of the "
         f"{report['real_vs_real']['split']} split score FID {report['real_vs_real']['fid']:.2f}, KID ×10³ "
         f"{1e3 * report['real_vs_real']['kid']:.2f} (N={report['real_vs_real']['images']}): the floor at this N. "
-        f"Sampling, decoding and Inception features in {report['precision']}: compare FIDs of one precision only.",
+        f"Inception features in {report['precision']}: compare FIDs of one feature precision only.",
         *(
             [
                 f"Sampled at {report['transfer_size']}×{report['transfer_size']}, another side than the data's "
@@ -369,7 +369,7 @@ def evaluate_checkpoint(
         "weights": cfg.eval.weights,
         "num_samples": cfg.eval.num_samples,
         "transfer_size": cfg.eval.image_size,  # sampled at another side than the data's (None: the data's)
-        "precision": evaluator.precision,  # of sampling, decoding and Inception features
+        "precision": evaluator.precision,  # of the Inception features
         "reference": evaluator.reference_key,
         "real_vs_real": evaluator.floor,
         "oracle_on_real_images": evaluator.oracle,
