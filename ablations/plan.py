@@ -20,6 +20,7 @@ import yaml
 
 from mmdit_core.errors import InputError, MissingInput
 
+from .allocation import SeedRule
 from .axes import get_axis
 
 PRESETS = Path(__file__).parent / "presets"
@@ -53,16 +54,24 @@ class SweepPlan:
     name: str
     config: str  # the base experiment config (YAML path)
     axes: dict[str, tuple[str, ...]]  # axis name -> the arms swept (the reference arm always among them)
-    seeds: int
+    seeds: int  # per arm; with max_seeds, the first round's (--seeds auto)
     overrides: tuple[str, ...] = ()  # --set overrides on the base config, for every trial
     combine: Literal["one_at_a_time", "product"] = "one_at_a_time"
     description: str = ""
+    max_seeds: int | None = None  # --seeds auto: further seeds, up to this, for the arms still undecided
 
     def __post_init__(self):
         if self.seeds < 1:
             raise InputError(f"sweep {self.name}: seeds must be at least 1 (got {self.seeds})")
         if not self.axes:
             raise InputError(f"sweep {self.name}: no axes")
+        if self.max_seeds is not None:
+            SeedRule(self.seeds, self.max_seeds)  # a bad range is named here
+            if self.combine == "product":
+                raise InputError(
+                    f"sweep {self.name}: --seeds auto allocates seeds per arm, one axis at a time; "
+                    "a `combine: product` sweep takes a fixed number of seeds"
+                )
         for name, arms in self.axes.items():
             axis = get_axis(name)
             for arm in arms:
@@ -73,8 +82,12 @@ class SweepPlan:
     def of_kind(self, kind: str) -> dict[str, tuple[str, ...]]:
         return {name: arms for name, arms in self.axes.items() if get_axis(name).kind == kind}
 
-    def trials(self) -> list[Trial]:
-        """Training runs, seed-major within each arm combination, reference first."""
+    @property
+    def seed_rule(self) -> SeedRule | None:
+        return SeedRule(self.seeds, self.max_seeds) if self.max_seeds is not None else None
+
+    def combos(self) -> list[tuple[tuple[str, str], ...]]:
+        """The arm of every training axis, per trained variant, reference first."""
         training = self.of_kind("training")
         reference = {name: get_axis(name).reference for name in training}
         if self.combine == "product":
@@ -83,7 +96,11 @@ class SweepPlan:
             combos = [reference] + [
                 {**reference, name: arm} for name, arms in training.items() for arm in arms if arm != reference[name]
             ]
-        return [Trial(tuple(combo.items()), seed) for combo in combos for seed in range(self.seeds)]
+        return [tuple(combo.items()) for combo in combos]
+
+    def trials(self) -> list[Trial]:
+        """Training runs (the first round's with --seeds auto), seed-major within each variant, reference first."""
+        return [Trial(combo, seed) for combo in self.combos() for seed in range(self.seeds)]
 
     def sampling_overrides(self, axis: str, arm: str) -> list[str]:
         """The reference arm of every sampling axis, with `axis` moved to `arm`."""

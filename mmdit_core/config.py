@@ -274,7 +274,7 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     num_samples: int = Field(
-        1000, ge=2, description="generated images per sampling setting (FID, KID, adherence, CLIP)"
+        1000, ge=4, description="generated images per sampling setting (FID, KID, CMMD, adherence, CLIP)"
     )
     batch_size: int = Field(64, ge=1, description="images per sampling and Inception batch")
     num_workers: int = Field(0, ge=0, description="DataLoader workers that resize images for Inception")
@@ -293,13 +293,19 @@ class EvalConfig(Section):
         "natively (CUDA; a CPU with AMX or AVX-512 BF16), else fp32; part of every FID's setup. fp32 by "
         "default: bf16 features ran Inception 1.5-1.8x faster but moved the demo's FID +9.5% (docs/performance.md)",
     )
+    jackknife_groups: int = Field(
+        128,
+        ge=2,
+        description="groups of the jackknife interval beside each FID, KID and CMMD (its noise over the generated "
+        "samples; at N <= this, leave-one-out)",
+    )
     clip_model: str | None = Field(
         TRAINED_CLIP,
-        description="CLIP of the CLIP score: `trained` (the one experiments."
-        "train_clip trained on data.root), a hub id or a local directory; null skips it",
+        description="CLIP of the CLIP score and CMMD: `trained` (the one experiments."
+        "train_clip trained on data.root), a hub id or a local directory; null skips both",
     )
     every: int = Field(0, ge=0, description="during training: a quick eval every N steps (0: off)")
-    train_samples: int = Field(128, ge=2, description="generated images of each quick eval during training")
+    train_samples: int = Field(128, ge=4, description="generated images of each quick eval during training")
     val_loss_samples: int = Field(256, ge=1, description="held-out images of the validation loss")
     val_t: list[float] = Field(
         default_factory=lambda: [(i + 0.5) / 8 for i in range(8)],

@@ -249,15 +249,25 @@ def test_evaluate_cli_writes_report_and_nested_mlflow_runs(tmp_path, tiny_clip):
         "adherence_shape",
         "adherence_whole",
         "sample_img_per_s",
+        "cmmd",
+        *(f"{m}_{side}" for m in ("fid", "kid", "cmmd") for side in ("low", "high")),
     } <= set(metrics) and metrics["fid"] > 0
+    assert all(metrics[f"{m}_low"] < metrics[m] < metrics[f"{m}_high"] for m in ("fid", "kid", "cmmd"))
     assert saved["oracle_on_real_images"]["colour"] > 0.9  # the oracle reads the real 16-pixel scenes
     assert saved["real_vs_real"]["split"] == "val" and saved["real_vs_real"]["fid"] < metrics["fid"]
     assert "| euler | 2 | 3 |" in (out / "report.md").read_text() and "N=6" in (out / "report.md").read_text()
     assert saved["clip"] == str(tiny_clip) and f"CLIP score by: {tiny_clip}." in (out / "report.md").read_text()
-    phases = {"sampling", "decoding", "writing", "inception", "fid_kid", "oracle", "clip", "grid"}
+    phases = {"sampling", "decoding", "writing", "inception", "fid_kid", "oracle", "clip", "cmmd", "grid"}
     assert {f"seconds_{p}" for p in phases} <= set(metrics) and all(metrics[f"seconds_{p}"] >= 0 for p in phases)
-    assert set(saved["setup_seconds"]) == {"reference_statistics", "real_vs_real", "clip_load"}
-    assert saved["precision"] in ("fp32", "bf16") and saved["reference"]["precision"] == saved["precision"]
+    assert set(saved["setup_seconds"]) == {"reference_statistics", "real_vs_real", "clip_load", "cmmd_reference"}
+    setup = saved["setup"]
+    assert setup["precision"] in ("fp32", "bf16") and saved["reference"]["precision"] == setup["precision"]
+    assert setup["num_samples"] == 6 and setup["reference_images"] == saved["reference"]["images"]
+    assert setup["inception"] == saved["reference"]["extractor"] and setup["statistics"] == "float64"
+    assert setup["batch_size"] == cfg.eval.batch_size and setup["image_size"] == cfg.data.image_size
+    assert setup["jackknife"] == "6 groups, seed 0" and setup["cmmd"] == "RBF sigma 10, x1000, unbiased"
+    assert saved["points"][0]["sampling"] == {"sampler": "euler", "steps": 1, "cfg_scale": 1.0, "shift": 1.0, "seed": 0}
+    assert "Every FID, KID and CMMD here: num_samples 6, " in (out / "report.md").read_text()
     assert "Wall time by phase (s): setup" in (out / "report.md").read_text()
 
     client = MlflowClient(uri)
@@ -268,7 +278,9 @@ def test_evaluate_cli_writes_report_and_nested_mlflow_runs(tmp_path, tiny_clip):
     assert {c.data.tags["clip_model"] for c in children} == {str(tiny_clip)}  # which CLIP scored, on every eval run
     history = client.get_metric_history(children[0].info.run_id, "eval/fid")
     assert [m.step for m in history] == [2]
-    assert {c.data.params["precision"] for c in children} == {saved["precision"]}
+    for child in children:  # the whole setup, and the sampling settings, as params of every eval run
+        assert {f"setup.{k}": str(v) for k, v in setup.items()}.items() <= child.data.params.items()
+        assert child.data.params["shift"] == "1.0" and child.data.params["noise_seed"] == "0"
 
     # the same checkpoint again, with a stray file in a sample folder: cache hit, the folder rewritten, no new runs
     (out / "euler-1-cfg3" / "images" / "999999.png").write_bytes(

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ablations import report, sweep
+from ablations import allocation, report, sweep
+from ablations.allocation import SeedRule
 from ablations.plan import SweepPlan
 from experiments import prepare_data, train_clip
 from experiments.rank_loop import Faults
@@ -82,7 +83,12 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
     assert (tmp_path / "report" / "cfg_scale_by_trained_arm.png").is_file()
     assert written["summary"]["cfg_scale"]["eval/fid"]["2.0"]["mean"].n == 1
     assert written["agreement"] is None and "CLIP score" not in text  # trained without a CLIP: none scored
-    assert "Every FID and KID here: precision " in text and "## Cost: wall seconds by phase" in text
+    assert (
+        "Every FID, KID and CMMD here: " in text
+        and "precision fp32" in text
+        and "## Cost: wall seconds by phase" in text
+    )
+    assert "Sampled with: sampler euler, steps 2, cfg_scale 1.0/2.0 (axis cfg_scale), shift 1.0, noise_seed 0." in text
     cost = text.split("## Cost: wall seconds by phase")[1]
     assert "| steps |" in cost and "| eval_inception |" in cost and "| all trials |" in cost
 
@@ -195,19 +201,28 @@ def test_the_report_ranks_clip_score_against_the_oracle_and_names_the_clips():
     observations[0].clip = "CLIP B"
     mixed = report.oracle_agreement(observations)
     assert "eval/adherence_whole" not in mixed  # no ranking across two CLIPs' scales
-    assert "**CLIP scores come from 2 different CLIPs, which are not comparable**" in report.agreement_lines(mixed)[0]
+    assert (
+        "**CLIP scores and CMMDs come from 2 different CLIPs, which are not comparable**"
+        in report.agreement_lines(mixed)[0]
+    )
 
 
-def test_the_report_never_differences_fids_of_different_feature_precisions():
-    def obs(seed, precision):
-        return report.Observation({"pos_emb": "learned"}, {}, seed, {"eval/fid": 50.0}, setup={"precision": precision})
+def test_the_report_never_differences_fids_of_different_setups():
+    def obs(seed, precision, n="128"):
+        setup = {"num_samples": n, "precision": precision}
+        return report.Observation({"pos_emb": "learned"}, {}, seed, {"eval/fid": 50.0}, setup=setup)
 
-    assert report.common_setup("s", [obs(s, "bf16") for s in range(3)]) == {"precision": "bf16"}
-    assert "Every FID and KID here: precision bf16." in report.markdown("s", {}, 3, setup={"precision": "bf16"})
+    assert report.common_setup("s", [obs(s, "bf16") for s in range(3)]) == {"num_samples": "128", "precision": "bf16"}
+    header = report.markdown("s", {}, 3, setup={"num_samples": "128", "precision": "bf16"})
+    assert "Every FID, KID and CMMD here: num_samples 128, precision bf16." in header
     with pytest.raises(InputError) as refused:
         report.common_setup("s", [obs(0, "fp32"), obs(1, "bf16"), obs(2, "bf16")])
     assert str(refused.value).startswith("sweep s: its eval runs differ in precision (bf16 in 2, fp32 in 1)")
-    assert "--reevaluate s --set eval.precision=" in str(refused.value)
+    with pytest.raises(InputError, match="differ in num_samples"):
+        report.common_setup("s", [obs(0, "fp32"), obs(1, "fp32", n="256")])
+    unrecorded = report.Observation({"pos_emb": "learned"}, {}, 2, {"eval/fid": 50.0})  # logged before setup.*
+    with pytest.raises(InputError, match=r"differ in num_samples \(128 in 1, not recorded in 1\)"):
+        report.common_setup("s", [obs(0, "fp32"), unrecorded])
 
 
 def test_the_cost_table_counts_each_trials_training_once_and_sums_its_evaluations():
@@ -266,3 +281,84 @@ def test_sampling_arms_of_one_grid_axis_share_one_evaluation(monkeypatch):
         0
     ] == {"eval/fid": 125}
     assert calls == [((), None, None, None)]  # no sampling axis: one evaluation at the config's own settings
+
+
+def test_seeds_auto_gives_another_seed_only_to_arms_still_undecided():
+    rule = SeedRule(2, 6)
+    assert rule.looks == 5 and rule.confidence == pytest.approx(0.99)  # 95% split over the 5 looks
+    assert sweep.parse_seeds("auto") == (2, 6) and sweep.parse_seeds("auto:3-4") == (3, 4)
+    assert sweep.parse_seeds("3") == (3, None)
+    for bad, message in (("auto:1-4", "needs 2 <= min <= max"), ("auto:5-3", "needs 2"), ("lots", "expected a number")):
+        with pytest.raises(InputError, match=message):
+            sweep.parse_seeds(bad)
+
+    def obs(arm, seed, fid, pos="learned"):
+        return report.Observation({"sdpa_layout": arm, "pos_emb": pos}, {}, seed, {"eval/fid": fid})
+
+    seeds = range(3)
+    observations = (
+        [obs("heads_first", s, 50.0 + s) for s in seeds]
+        + [obs("seq_first", s, 50.0 + s + (0.3, -0.2, 0.1)[s]) for s in seeds]  # no effect: open
+        + [obs("heads_first", s, 150.0 + s + (0.3, -0.2, 0.1)[s], pos="none") for s in seeds]  # +100: decided
+    )
+    axes = {"sdpa_layout": ["heads_first", "seq_first"], "pos_emb": ["learned", "none"]}
+    summary = report.summarise(observations, axes, rule.confidence)
+    status = allocation.arm_status(summary, {"sdpa_layout": "heads_first", "pos_emb": "learned"}, rule)
+    assert status[("pos_emb", "none")] == allocation.ArmStatus(3, False, "decided at 3 seeds on eval/fid")
+    assert status[("sdpa_layout", "seq_first")].open and status[("sdpa_layout", "seq_first")].seeds == 3
+    plan = SweepPlan("p", str(TINY), {k: tuple(v) for k, v in axes.items()}, seeds=2, max_seeds=6)
+    reference, seq_first, _ = plan.combos()
+    assert sweep.variants_to_seed(plan, status) == [reference, seq_first]  # the reference pairs every difference
+    assert sweep.variants_to_seed(plan, {("pos_emb", "none"): status[("pos_emb", "none")]}) == []
+    capped = allocation.arm_status(summary, {"sdpa_layout": "heads_first", "pos_emb": "learned"}, SeedRule(2, 3))
+    assert capped[("sdpa_layout", "seq_first")].why == "undecided at the maximum of 3 seeds on eval/fid"
+    text = report.markdown("p", summary, 2, rule=rule)
+    assert "Seeds by --seeds auto:2-6" in text and "| sdpa_layout=seq_first | 3 | undecided at 3 seeds" in text
+    assert "mean [99% CI]" in text and "too few for confident intervals" not in text
+    with pytest.raises(InputError, match="one axis at a time"):
+        SweepPlan("p", str(TINY), {k: tuple(v) for k, v in axes.items()}, seeds=2, max_seeds=6, combine="product")
+
+
+def test_an_auto_seeded_sweep_trains_more_seeds_only_for_open_arms_and_continues(tmp_path, local_ray, monkeypatch):
+    overrides = (
+        f"data.root={tmp_path / 'scenes'}",
+        f"text.cache_dir={tmp_path / 'text'}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"eval.stats_dir={tmp_path / 'stats'}",
+        "train.num_workers=1",
+        "train.steps=2",
+        "train.checkpoint_every=2",
+        "train.sample_every=0",
+        "eval.num_samples=4",
+        "eval.clip_model=null",
+    )
+    prepare_data.prepare(load_config(TINY, list(overrides)))
+    plan = SweepPlan("auto", str(TINY), {"sdpa_layout": ("heads_first", "seq_first")}, 2, overrides, max_seeds=3)
+    looks = []
+
+    def spy(name, uri, rule, seeds):
+        looks.append(real(name, uri, rule, seeds))
+        return looks[-1]
+
+    real = sweep.arm_statuses
+    monkeypatch.setattr(sweep, "arm_statuses", spy)
+    uri, storage = f"sqlite:///{tmp_path / 'mlruns.db'}", str(tmp_path / "sweeps")
+    result = sweep.run(plan, tracking_uri=uri, storage=storage)
+    (first,) = looks  # one look: after round 1, before the last seed
+    extra = {"reference-s2", "sdpa_layout=seq_first-s2"} if first[("sdpa_layout", "seq_first")].open else set()
+    assert (
+        set(result["trials"])
+        == {"reference-s0", "reference-s1", "sdpa_layout=seq_first-s0", "sdpa_layout=seq_first-s1"} | extra
+    )
+    assert result["failed"] == 0 and first[("sdpa_layout", "seq_first")].seeds == 2
+
+    again = sweep.run(plan, tracking_uri=uri, storage=storage)  # interrupted or not, rerunning continues: no new runs
+    assert again["trials"] == result["trials"] and looks[1] == first
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(result["sweep"]).experiment_id
+    (parent,) = client.search_runs([experiment], f"tags.`{RUN_KEY_TAG}` = '{result['sweep']}'")
+    trials = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(trials) == len(result["trials"]) and parent.data.params["sweep.max_seeds"] == "3"
+    assert all(len(client.get_metric_history(t.info.run_id, "train/loss")) == 1 for t in trials)  # trained once
+    text = Path(report.report(result["sweep"], uri, tmp_path / "report")["files"][0]).read_text()
+    assert "Seeds by --seeds auto:2-3" in text and "| sdpa_layout=seq_first | " in text and "mean [97.5% CI]" in text
