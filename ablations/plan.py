@@ -110,11 +110,15 @@ class SweepPlan:
         ]
 
 
+def preset_names() -> list[str]:
+    """The presets in ablations/presets, by name."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
 def load_preset(name: str) -> SweepPlan:
     path = PRESETS / f"{name}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
-        raise MissingInput(f"no sweep preset {name!r} (presets: {known})")
+        raise MissingInput(f"no sweep preset {name!r} (presets: {', '.join(preset_names())})")
     spec = yaml.safe_load(path.read_text())
     axes = {axis: tuple(str(a) for a in arms) if arms else get_axis(axis).arms for axis, arms in spec["axes"].items()}
     return SweepPlan(

@@ -65,16 +65,15 @@ HEADLINE = (
     "eval/clip_score",
     "val/loss",
 )
-AGREEMENT = (
-    "eval/adherence_whole",
-    "eval/adherence_whole_shape",
-)  # the oracle's verdicts the CLIP score is ranked against
+AGREEMENT = ("eval/adherence_whole", "eval/adherence_whole_shape")  # the oracle's verdicts metrics are ranked against
+RANKED = ("eval/clip_score", "eval/cmmd", "eval/fid", "eval/kid")  # the sample metrics ranked against them
+BY_CLIP = ("eval/clip_score", "eval/cmmd")
 TRAINED = ("val/loss", "train/img_per_s", "wall_s")  # properties of the training run: no sampling arm moves them
 NOT_COMPARABLE = "not comparable: a different loss"
 # wall seconds by phase, in the cost table's order: of a trial's training (its run's time/<phase>_s) and of
 # each of its evaluations (the eval runs' eval/seconds_<phase>)
 TRAINING_PHASES = ("ray_start", "workers_and_placement", "setup", "data", "steps", "checkpoint", "quick_eval", "finish")
-EVAL_PHASES = ("sampling", "decoding", "writing", "inception", "fid_kid", "oracle", "clip", "grid")
+EVAL_PHASES = ("sampling", "decoding", "writing", "inception", "fid_kid", "oracle", "clip", "cmmd", "grid")
 WITH_INTERVAL = ("eval/fid", "eval/kid", "eval/cmmd")  # each eval run logs <metric>_low and _high: its noise at N
 SAMPLING_PARAMS = ("sampler", "steps", "cfg_scale", "shift", "noise_seed")  # eval runs' params, for the header
 NOT_RECORDED = "not recorded"
@@ -376,18 +375,21 @@ def headline(summary: dict[str, Any], level: str = "95%") -> list[str]:
 
 
 def oracle_agreement(obs: list[Observation]) -> dict[str, Any] | None:
-    """Spearman rank correlation of the CLIP score with the oracle's whole-caption adherence over the
-    trials (arms × seeds) at the reference sampling settings, and which CLIPs scored; None without scores.
-    No correlation across different CLIPs: their scores are not on one scale."""
-    scored = [o for o in obs if _at_reference(o.sampling) and "eval/clip_score" in o.metrics]
+    """Spearman rank correlation of each sample metric (FID, KID, CMMD, CLIP score) with the oracle's
+    verdicts over the trials (arms × seeds) at the reference sampling settings, and which CLIPs scored;
+    None where the oracle scored nothing. CLIP-based metrics are not ranked across different CLIPs: their
+    values are not on one scale."""
+    scored = [o for o in obs if _at_reference(o.sampling) and any(m in o.metrics for m in AGREEMENT)]
     if not scored:
         return None
-    agreement: dict[str, Any] = {"clips": sorted({o.clip for o in scored})}
-    for metric in AGREEMENT if len(agreement["clips"]) == 1 else ():
-        pairs = [(o.metrics["eval/clip_score"], o.metrics[metric]) for o in scored if metric in o.metrics]
-        if len(pairs) >= 3:
-            rho, p = spearmanr(*zip(*pairs))
-            agreement[metric] = {"rho": float(rho), "p": float(p), "n": len(pairs)}
+    clips = sorted({o.clip for o in scored if "eval/clip_score" in o.metrics})
+    agreement: dict[str, Any] = {"clips": clips, "ranks": {}}
+    for metric in RANKED if len(clips) <= 1 else [m for m in RANKED if m not in BY_CLIP]:
+        for oracle in AGREEMENT:
+            pairs = [(o.metrics[metric], o.metrics[oracle]) for o in scored if {metric, oracle} <= set(o.metrics)]
+            if len(pairs) >= 3:
+                rho, p = spearmanr(*zip(*pairs))
+                agreement["ranks"].setdefault(oracle, {})[metric] = {"rho": float(rho), "p": float(p), "n": len(pairs)}
     return agreement
 
 
@@ -395,20 +397,24 @@ def agreement_lines(agreement: dict[str, Any] | None) -> list[str]:
     if agreement is None:
         return []
     clips = agreement["clips"]
-    lines = [
-        f"CLIP score by: {clips[0]}."
-        if len(clips) == 1
-        else f"**CLIP scores and CMMDs come from {len(clips)} different CLIPs, which are not comparable**: "
-        + "; ".join(clips)
-        + "."
-    ]
-    ranked = [(METRICS[m][0], agreement[m]) for m in AGREEMENT if m in agreement]
-    if ranked:
+    lines = []
+    if len(clips) == 1:
+        lines.append(f"CLIP score and CMMD by: {clips[0]}.")
+    elif clips:
         lines.append(
-            f"Agreement with the oracle, Spearman ρ of CLIP score over the {ranked[0][1]['n']} trials (arms × seeds, "
-            "reference sampling settings): " + ", ".join(f"with {label} {_rho(a)}" for label, a in ranked) + "."
+            f"**CLIP scores and CMMDs come from {len(clips)} different CLIPs, which are not comparable**: "
+            + "; ".join(clips)
+            + "."
         )
-    return [" ".join(lines), ""]
+    for oracle, ranks in agreement["ranks"].items():
+        n = max(r["n"] for r in ranks.values())
+        lines.append(
+            f"Agreement with the oracle, Spearman ρ with {METRICS[oracle][0]} over the {n} trials (arms × seeds, "
+            "reference sampling settings; a good lower-is-better metric has ρ near -1): "
+            + ", ".join(f"{METRICS[m][0]} {_rho(r)}" for m, r in ranks.items())
+            + "."
+        )
+    return [" ".join(lines), ""] if lines else []
 
 
 def _rho(a: dict[str, float]) -> str:

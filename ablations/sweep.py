@@ -43,7 +43,7 @@ from mmdit_core.errors import InputError
 
 from .allocation import ArmStatus, SeedRule, arm_status
 from .axes import AXES, get_axis
-from .plan import PROJECT_ROOT, SweepPlan, Trial, load_preset
+from .plan import PROJECT_ROOT, SweepPlan, Trial, load_preset, preset_names
 from .report import read_sweep, report, summarise, sweep_parent
 
 STORAGE = "outputs/sweeps"
@@ -374,7 +374,7 @@ def plan_from_args(args: argparse.Namespace) -> SweepPlan:
 def main(argv=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", help="a preset in ablations/presets (critical_details, sd3_timesteps, architecture)")
+    which.add_argument("--preset", help=f"a preset in ablations/presets: {', '.join(preset_names())}")
     which.add_argument("--axes", help=f"comma-separated axes, all arms each: {', '.join(AXES)}")
     which.add_argument(
         "--reevaluate", metavar="NAME", help="evaluate an existing sweep's checkpoints again (no training)"

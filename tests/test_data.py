@@ -264,6 +264,20 @@ def test_folder_importer_reads_txt_csv_and_jsonl(tmp_path):
         assert sorted(r[2] for r in [*records(cfg, "train"), *records(cfg, "val")]) == [f"row {i}" for i in range(4)]
 
 
+def test_a_folder_import_lists_the_folder_once(tmp_path, monkeypatch):
+    from mmdit_core.data import sources
+
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"im{i}.png")
+        (tmp_path / f"im{i}.txt").write_text(f"caption {i}")
+    listings, folder_items = [], sources.folder_items
+    monkeypatch.setattr(sources, "folder_items", lambda *args: listings.append(args) or folder_items(*args))
+    cfg = DataConfig(source="folder", import_path=str(tmp_path), image_size=8, num_train=10, num_val=1)
+    imported = sources.read_source(cfg)
+    assert sum(len(list(split)) for split in imported.splits.values()) == 4 and imported.details["available"] == 4
+    assert len(listings) == 1
+
+
 def test_a_class_sorted_folder_gives_every_split_every_class_interleaved(tmp_path):
     from experiments.prepare_data import prepare
     from mmdit_core.config import load_config

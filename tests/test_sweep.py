@@ -2,6 +2,8 @@
 each checkpoint without retraining, nested MLflow runs, and a rerun that adds nothing."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,7 +84,8 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
     assert "too few for confident intervals" in text and (tmp_path / "report" / "sdpa_layout.png").is_file()
     assert (tmp_path / "report" / "cfg_scale_by_trained_arm.png").is_file()
     assert written["summary"]["cfg_scale"]["eval/fid"]["2.0"]["mean"].n == 1
-    assert written["agreement"] is None and "CLIP score" not in text  # trained without a CLIP: none scored
+    assert written["agreement"] == {"clips": [], "ranks": {}}  # no CLIP scored; 2 trials: too few to rank
+    assert "CLIP score" not in text
     assert (
         "Every FID, KID and CMMD here: " in text
         and "precision fp32" in text
@@ -174,33 +177,30 @@ def test_val_losses_of_arms_that_train_on_different_losses_are_not_compared():
     assert f"| {report.NOT_COMPARABLE} |" in report.markdown("s", summary, seeds=3)
 
 
-def test_the_report_ranks_clip_score_against_the_oracle_and_names_the_clips():
+def test_the_report_ranks_the_sample_metrics_against_the_oracle_and_names_the_clips():
     def obs(arm, seed, clip_score, whole, clip="CLIP A"):
-        return report.Observation(
-            {"pos_emb": arm},
-            {"cfg_scale": "1.0"},
-            seed,
-            {"eval/clip_score": clip_score, "eval/adherence_whole": whole},
-            clip=clip,
-        )
+        metrics = {"eval/clip_score": clip_score, "eval/cmmd": 100 - clip_score, "eval/adherence_whole": whole}
+        return report.Observation({"pos_emb": arm}, {"cfg_scale": "1.0"}, seed, metrics | {"eval/fid": 5.0}, clip=clip)
 
     observations = [obs("learned", s, 30 + s, 0.9 + 0.01 * s) for s in range(3)]
     observations += [obs("none", s, 20 + s, 0.2 + 0.01 * s) for s in range(3)]
     observations.append(report.Observation({"pos_emb": "learned"}, {"cfg_scale": "7.0"}, 0, {"eval/clip_score": 0.0}))
     agreement = report.oracle_agreement(observations)  # the CFG-7 point is off the reference sampling: not ranked
-    assert agreement["clips"] == ["CLIP A"] and agreement["eval/adherence_whole"]["n"] == 6
-    assert (
-        agreement["eval/adherence_whole"]["rho"] == pytest.approx(1.0) and "eval/adherence_whole_shape" not in agreement
-    )
+    ranks = agreement["ranks"]["eval/adherence_whole"]
+    assert agreement["clips"] == ["CLIP A"] and "eval/adherence_whole_shape" not in agreement["ranks"]
+    assert ranks["eval/clip_score"]["n"] == 6 and ranks["eval/clip_score"]["rho"] == pytest.approx(1.0)
+    assert ranks["eval/cmmd"]["rho"] == pytest.approx(-1.0) and "eval/kid" not in ranks  # no KID logged
     summary = report.summarise(observations, {"pos_emb": ["learned", "none"], "cfg_scale": ["1.0", "7.0"]})
     text = report.markdown("s", summary, 3, agreement)
-    assert "CLIP score by: CLIP A." in text and "Spearman ρ of CLIP score over the 6 trials" in text
-    assert "with whole-caption adherence +1.00" in text
+    assert "CLIP score and CMMD by: CLIP A." in text
+    assert "Spearman ρ with whole-caption adherence over the 6 trials" in text
+    assert "CLIP score +1.00" in text and "CMMD ×10³ -1.00" in text
+    assert "FID undefined (one side is constant)" in text
     assert "CLIP score" in text.split("## Headline")[1].splitlines()[2]  # a column of the headline table
 
     observations[0].clip = "CLIP B"
     mixed = report.oracle_agreement(observations)
-    assert "eval/adherence_whole" not in mixed  # no ranking across two CLIPs' scales
+    assert set(mixed["ranks"]["eval/adherence_whole"]) == {"eval/fid"}  # no ranking across two CLIPs' scales
     assert (
         "**CLIP scores and CMMDs come from 2 different CLIPs, which are not comparable**"
         in report.agreement_lines(mixed)[0]
@@ -362,3 +362,15 @@ def test_an_auto_seeded_sweep_trains_more_seeds_only_for_open_arms_and_continues
     assert all(len(client.get_metric_history(t.info.run_id, "train/loss")) == 1 for t in trials)  # trained once
     text = Path(report.report(result["sweep"], uri, tmp_path / "report")["files"][0]).read_text()
     assert "Seeds by --seeds auto:2-3" in text and "| sdpa_layout=seq_first | " in text and "mean [97.5% CI]" in text
+
+
+def test_sweep_help_lists_every_preset_and_starts_without_a_future_warning():
+    done = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-m", "ablations.sweep", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr
+    presets = sorted(p.stem for p in (Path(__file__).parents[1] / "ablations/presets").glob("*.yaml"))
+    assert "positions" in presets and f"ablations/presets: {', '.join(presets)}" in " ".join(done.stdout.split())

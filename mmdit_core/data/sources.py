@@ -139,9 +139,12 @@ def seeded_split(count: int, cfg: DataConfig, split: str) -> list[int]:
     return order[:n_val] if split == "val" else order[n_val:n_val + cfg.num_train]
 
 
-def folder_records(cfg: DataConfig, split: str, counts: SkipCounts) -> Iterator[Record]:
-    """An image that does not open, or one without a caption, is counted and skipped."""
-    items = folder_items(_input_path(cfg), cfg.caption_field)
+def folder_records(
+    cfg: DataConfig, split: str, counts: SkipCounts, items: list[tuple[Path, str]] | None = None
+) -> Iterator[Record]:
+    """An image that does not open, or one without a caption, is counted and skipped. `items`: the folder
+    as folder_items lists it (default: listed here)."""
+    items = folder_items(_input_path(cfg), cfg.caption_field) if items is None else items
     for i in seeded_split(len(items), cfg, split):
         image_path, caption = items[i]
         if not caption:
@@ -309,5 +312,8 @@ def read_source(cfg: DataConfig) -> Import:
         stream = tqdm(webdataset_records(urls, cfg, counts), desc="reading shards", unit="img")
         splits, details["available"] = choose(stream, cfg)
         return Import(splits, counts, details)
-    details = {"available": len(folder_items(_input_path(cfg), cfg.caption_field))} if cfg.source == "folder" else {}
-    return Import({split: records(cfg, split, counts) for split in SPLITS}, counts, details)
+    if cfg.source == "folder":  # listed once, for every split and the count
+        items = folder_items(_input_path(cfg), cfg.caption_field)
+        splits = {split: folder_records(cfg, split, counts, items) for split in SPLITS}
+        return Import(splits, counts, {"available": len(items)})
+    return Import({split: records(cfg, split, counts) for split in SPLITS}, counts)
