@@ -254,7 +254,7 @@ class RankLoop:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, in every attempt
         model = ray.train.torch.prepare_model(MMDiT(cfg.model))
         self.flow = RectifiedFlow(cfg.flow, decode=self.autoencoder.decode)
-        self.trainer = Trainer(cfg, model, self.flow, self.encoder.null(), rank=rank)
+        self.trainer = Trainer(cfg, model, self.flow, self.encoder.null(cfg.flow.null_text), rank=rank)
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as path:

@@ -63,6 +63,10 @@ class ModelConfig(Section):
     time_cond: Literal["adaln_zero", "additive"] = "adaln_zero"
     block: Literal["joint", "cross", "adaln_only"] = "joint"
     qk_norm: Literal["none", "layernorm", "rmsnorm"] = "none"
+    # Silent bugs, each the correct behaviour by default: the text padding attended as keys in joint
+    # attention, and the timestep embedding fed t in [0, 1] instead of SD3's 1000·t.
+    text_padding: Literal["masked", "attended"] = "masked"
+    timestep_input: Literal["1000t", "t"] = "1000t"
     # Memory, not function: "blocks" stores only each block's inputs and recomputes the rest in backward.
     activation_checkpointing: Literal["none", "blocks"] = "none"
 
@@ -121,6 +125,11 @@ class FlowConfig(Section):
     prediction: Literal["velocity", "epsilon", "x0"] = "velocity"
     loss_space: Literal["latent", "image"] = "latent"
     cfg_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="probability of the null text in training")
+    null_text: Literal["empty_caption", "zeros"] = Field(
+        "empty_caption",
+        description="what training drops captions to: the encoded empty caption, which guidance's unconditional "
+        "pass uses at sampling, or (a silent bug: the two differ) zero states",
+    )
 
 
 class SampleConfig(Section):

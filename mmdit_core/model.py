@@ -25,11 +25,17 @@ TIME_FEATURES = 256  # sinusoidal features of t before the timestep MLP (DiT, SD
 # ---- embeddings ---------------------------------------------------------------------------------
 
 
-def timestep_embedding(t: torch.Tensor, dim: int = TIME_FEATURES, max_period: float = 10000.0) -> torch.Tensor:
-    """(B,) t in [0, 1] -> (B, dim) sinusoidal features of 1000·t, the scale SD3 uses."""
+TIME_SCALES = {"1000t": 1000.0, "t": 1.0}  # model.timestep_input: what the sinusoids see
+
+
+def timestep_embedding(
+    t: torch.Tensor, scale: float = 1000.0, dim: int = TIME_FEATURES, max_period: float = 10000.0
+) -> torch.Tensor:
+    """(B,) t in [0, 1] -> (B, dim) sinusoidal features of scale·t (SD3: 1000·t; at 1·t the fastest
+    frequency turns by one radian over the whole of training's t range, so times are barely told apart)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, dim/2)
+    args = scale * t.float()[:, None] * freqs[None]  # (B, dim/2)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -391,9 +397,11 @@ class MMDiT(nn.Module):
         if pooled is None:
             weights = text_mask.to(text.dtype)[..., None]  # (B, L, 1)
             pooled = (text * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, D_text)
+        if self.cfg.text_padding == "attended":  # the bug: every padding token a key, up to text.max_length
+            text_mask = torch.ones_like(text_mask)
         length = text_length(text_mask)
         text, text_mask = text[:, :length], text_mask[:, :length]  # padding no row attends to: drop it
-        c = self.time_embed(timestep_embedding(t)) + self.pooled_embed(pooled)  # (B, W)
+        c = self.time_embed(timestep_embedding(t, TIME_SCALES[self.cfg.timestep_input])) + self.pooled_embed(pooled)
         grid = x.shape[-1] // self.cfg.patch_size
         img = self.positions.add(self.patch_embed(x).flatten(2).transpose(1, 2), grid)  # (B, N, W)
         ctx = self.context_embed(text) if self.context_embed is not None else None  # (B, L, W)

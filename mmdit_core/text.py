@@ -144,6 +144,11 @@ class TextEncoder:
         rows = [self._cache[c] for c in captions]
         return Conditioning(*(torch.stack(parts) for parts in zip(*rows)))
 
-    def null(self) -> Conditioning:
-        """The unconditional text for classifier-free guidance: the empty caption (SD3's choice)."""
-        return self.encode([""])
+    def null(self, kind: str = "empty_caption") -> Conditioning:
+        """The unconditional text for classifier-free guidance: the empty caption (SD3's choice); `zeros`
+        (flow.null_text, a silent bug when training drops to it) zeroes its states and pooled vector, so
+        sampling's unconditional pass sees a text training never dropped to."""
+        empty = self.encode([""])
+        if kind == "zeros":
+            return Conditioning(torch.zeros_like(empty.text), empty.mask, torch.zeros_like(empty.pooled))
+        return empty

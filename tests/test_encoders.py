@@ -31,6 +31,9 @@ def test_text_encoder_shapes_mask_and_pooling(encoder):
     expected = cond.text[0][cond.mask[0]].mean(0)
     torch.testing.assert_close(cond.pooled[0], expected)
     assert encoder.null().mask.sum() == 2  # [CLS] [SEP]
+    zeros = encoder.null("zeros")  # flow.null_text=zeros: what the silent-bug arm trains its dropped captions on
+    assert torch.equal(zeros.mask, encoder.null().mask) and not zeros.text.any() and not zeros.pooled.any()
+    assert encoder.null().text.any()
 
 
 def test_text_cache_hits_in_memory_and_on_disk(encoder):

@@ -7,7 +7,7 @@ from conftest import random_conditioning, tiny_model_config
 
 from mmdit_core.config import FlowConfig
 from mmdit_core.flow import RectifiedFlow
-from mmdit_core.model import MMDiT, Positions, attention
+from mmdit_core.model import MMDiT, Positions, attention, timestep_embedding
 
 
 def reference_attention(q, k, v, key_mask=None):
@@ -125,6 +125,31 @@ def test_text_padding_is_masked(block):
     unmasked = model(x, t, padded, torch.ones_like(mask), pooled)
     # the same tokens unmasked do change row 0: the mask is what holds
     assert (unmasked[0] - base[0]).abs().max() > 1e-3
+
+
+def test_text_padding_attended_is_the_silent_bug_of_unmasked_padding_keys():
+    correct = randomise(MMDiT(tiny_model_config()))
+    buggy = MMDiT(tiny_model_config(text_padding="attended"))
+    buggy.load_state_dict(correct.state_dict())
+    cond = random_conditioning(2, length=6, valid=3)
+    cond.text[:, 3:] = 0.0  # padding as the text encoder returns it: zero states
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    base = correct(x, t, cond.text, cond.mask, cond.pooled)
+    attended = buggy(x, t, cond.text, cond.mask, cond.pooled)
+    torch.testing.assert_close(attended, correct(x, t, cond.text, torch.ones_like(cond.mask), cond.pooled))
+    assert (attended - base).abs().max() > 1e-3  # zero states still make keys (the projections' biases)
+
+
+def test_timestep_input_t_is_the_silent_bug_of_a_thousand_times_slower_sinusoids():
+    t = torch.rand(5)
+    torch.testing.assert_close(timestep_embedding(t, scale=1.0), timestep_embedding(t / 1000))
+    correct = randomise(MMDiT(tiny_model_config()))
+    buggy = MMDiT(tiny_model_config(timestep_input="t"))
+    buggy.load_state_dict(correct.state_dict())
+    cond, x = random_conditioning(5), torch.randn(5, 4, 8, 8)
+    base = correct(x, t, cond.text, cond.mask, cond.pooled)
+    torch.testing.assert_close(buggy(x, t, cond.text, cond.mask, cond.pooled), correct(x, t / 1000, cond.text, cond.mask, cond.pooled))
+    assert (buggy(x, t, cond.text, cond.mask, cond.pooled) - base).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("block", ["joint", "cross", "adaln_only"])

@@ -64,5 +64,5 @@ def test_product_combines_every_arm_and_bad_plans_are_named():
         SweepPlan("p", "c.yaml", {"pos_emb": ("none",)}, seeds=1)
     with pytest.raises(KeyError, match="no arm 'alibi'"):
         SweepPlan("p", "c.yaml", {"pos_emb": ("learned", "alibi")}, seeds=1)
-    with pytest.raises(FileNotFoundError, match="presets: architecture, critical_details"):
+    with pytest.raises(FileNotFoundError, match="presets: architecture, bugs, critical_details"):
         load_preset("critical")
