@@ -148,7 +148,9 @@ def test_timestep_input_t_is_the_silent_bug_of_a_thousand_times_slower_sinusoids
     buggy.load_state_dict(correct.state_dict())
     cond, x = random_conditioning(5), torch.randn(5, 4, 8, 8)
     base = correct(x, t, cond.text, cond.mask, cond.pooled)
-    torch.testing.assert_close(buggy(x, t, cond.text, cond.mask, cond.pooled), correct(x, t / 1000, cond.text, cond.mask, cond.pooled))
+    torch.testing.assert_close(
+        buggy(x, t, cond.text, cond.mask, cond.pooled), correct(x, t / 1000, cond.text, cond.mask, cond.pooled)
+    )
     assert (buggy(x, t, cond.text, cond.mask, cond.pooled) - base).abs().max() > 1e-3
 
 
