@@ -106,9 +106,12 @@ def _at_reference(arms: dict[str, str]) -> bool:
     return all(_same(arm, get_axis(axis).reference) for axis, arm in arms.items())
 
 
-def observations(client, experiment_id: str, parent_id: str, axes: dict[str, list[str]]) -> list[Observation]:
+def observations(
+    client, experiment_id: str, parent_id: str, axes: dict[str, list[str]], num_samples: int | None = None
+) -> list[Observation]:
     """One observation per trial and sampling point: of several eval runs at one point (evaluated again
-    with other settings, e.g. more samples), the one that finished last."""
+    with other settings, e.g. more samples), the one that finished last; with `num_samples`, the last of
+    those at that N."""
     sampling_axes = [name for name in axes if get_axis(name).kind == "sampling"]
     found = []
     for trial in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
@@ -121,6 +124,8 @@ def observations(client, experiment_id: str, parent_id: str, axes: dict[str, lis
             p: trial.data.metrics[f"time/{p}_s"] for p in TRAINING_PHASES if f"time/{p}_s" in trial.data.metrics
         }
         for ev in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{trial.info.run_id}'"):
+            if num_samples is not None and ev.data.params.get(f"{SETUP_PREFIX}num_samples") != str(num_samples):
+                continue
             sampling = {}
             for name in sampling_axes:
                 value = ev.data.params[

@@ -374,3 +374,26 @@ def test_sweep_help_lists_every_preset_and_starts_without_a_future_warning():
     assert done.returncode == 0 and "Warning" not in done.stderr, done.stderr
     presets = sorted(p.stem for p in (Path(__file__).parents[1] / "ablations/presets").glob("*.yaml"))
     assert "positions" in presets and f"ablations/presets: {', '.join(presets)}" in " ".join(done.stdout.split())
+
+
+def test_detection_finds_the_fewest_samples_and_seeds_that_catch_an_arm():
+    from ablations import detection
+
+    def obs(arm, seed, fid, loss):
+        return report.Observation({"pos_emb": arm}, {}, seed, {"eval/fid": fid, "val/loss": loss})
+
+    noise = [0.0, 3.0, -3.0, 1.0]  # seed-to-seed, shared by both arms at N=32 only
+    by_size = {}
+    for n, gap in ((32, 2.0), (128, 2.0)):
+        jitter = [e if n == 32 else e / 30 for e in noise]
+        by_size[n] = [obs("learned", s, 50 + jitter[s], 0.2 + 0.01 * s) for s in range(4)]
+        by_size[n] += [obs("none", s, 50 + gap + jitter[s] * (1 + s), 0.2 + 0.01 * s) for s in range(4)]
+    found = detection.cheapest(by_size, {"pos_emb": ["learned", "none"]}, 0.95)
+    fid, loss = found[("pos_emb", "none")]["eval/fid"], found[("pos_emb", "none")]["val/loss"]
+    assert fid["caught"][0] == 128 and fid["verdict"] == "worse"  # at N=32 the spread hides it at every seed count
+    assert loss["caught"] is None and loss["verdict"] == "no detectable difference"  # the same loss every seed
+    assert detection.cheapest(by_size, {"pos_emb": ["learned", "none"]}, 0.95, fixed_seeds=True)[("pos_emb", "none")][
+        "eval/fid"
+    ]["caught"] == (128, 4)
+    text = detection.markdown("s", found, [32, 128], 4, "95%")
+    assert "| pos_emb=none | N=128, " in text and "not caught (no detectable difference)" in text
