@@ -27,6 +27,9 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_KEY_TAG = "mmdit.run_key"
 SETUP_PREFIX = "setup."  # eval runs' params of the FID setup (eval.evaluator.Evaluator.setup)
+# the MLflow UI (3.x) opens an experiment in its GenAI view unless the experiment says what kind of work it is
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+LOCAL_UI = "http://127.0.0.1:5000"  # `make ui` serves a sqlite store here
 RETRY_MAX_S = 10.0  # longest pause between delivery attempts
 REFUSED_ATTEMPTS = 2  # a call the store refuses is tried this often, then kept in the backlog
 REFUSAL_CODES = {
@@ -62,6 +65,15 @@ def artifact_root_for(uri: str) -> str | None:
     return None  # a tracking server decides
 
 
+def ui_links(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Deep links to an experiment's Runs page in the UI's model-training view, and to one run: on the
+    tracking server when `uri` is one, else where `make ui` serves a local store."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    runs = f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    links = f"runs {runs}" + (f" ; this run {base}/#/experiments/{experiment_id}/runs/{run_id}" if run_id else "")
+    return links + ("" if base != LOCAL_UI else " (after `make ui`)")
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
@@ -78,6 +90,7 @@ class Delivery:
     backlog: str | None = None
     first_error: str | None = None
     run_id: str | None = None
+    links: str | None = None  # the run's pages in the MLflow UI (ui_links)
 
     def summary(self) -> str:
         text = f"tracking: {self.delivered} calls delivered"
@@ -87,7 +100,7 @@ class Delivery:
             text += f"; {self.undelivered} NOT delivered, kept in {self.backlog}"
         if self.first_error:
             text += f"; first error: {self.first_error}"
-        return text
+        return text + (f"\nMLflow UI: {self.links}" if self.links else "")
 
 
 @dataclass
@@ -204,11 +217,15 @@ class Tracker:
 
             client = MlflowClient(self.uri)
             experiment = client.get_experiment_by_name(self.experiment)
-            experiment_id = (
-                experiment.experiment_id
-                if experiment is not None
-                else client.create_experiment(self.experiment, artifact_location=artifact_root_for(self.uri))
-            )
+            if experiment is None:
+                experiment_id = client.create_experiment(
+                    self.experiment, artifact_location=artifact_root_for(self.uri), tags=EXPERIMENT_KIND
+                )
+            else:
+                experiment_id = experiment.experiment_id
+                for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag existed
+                    if experiment.tags.get(key) != value:
+                        client.set_experiment_tag(experiment_id, key, value)
             found = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{self.run_key}'", max_results=1)
             run_id = (
                 found[0].info.run_id
@@ -218,6 +235,7 @@ class Tracker:
                 ).info.run_id
             )
             self._client, self.result.run_id = client, run_id
+            self.result.links = ui_links(self.uri, experiment_id, run_id)
             self._ready.set()
         return self.result.run_id
 
