@@ -103,7 +103,8 @@ def main(argv=None) -> dict:
                 f"{real['shuffled']:.1f} with shuffled ones)"
             )
     print(f"{line}  ({summary['eval']['report']})")
-    print(f"MLflow run {summary['mlflow_run_id']} ({summary['status']}): `make ui`, then http://127.0.0.1:5000")
+    links = summary.get("mlflow_links") or "no links: MLflow did not answer"
+    print(f"MLflow run {summary['mlflow_run_id']} ({summary['status']}): {links}")
     return summary
 
 

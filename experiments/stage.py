@@ -24,7 +24,7 @@ from mmdit_core.files import atomic_directory, sha256_file, verified_summary
 from mmdit_core.machine import cpu_name
 
 from .cli import add_tracking_uri, config_parser, resolve_config
-from .tracking import Tracker, default_uri, git_commit
+from .tracking import RUN_KEY_TAG, Tracker, default_uri, git_commit
 
 Trains = Callable[[ExperimentConfig, "str | None"], dict[str, Any]]  # (config, tracking URI) -> summary
 
@@ -74,6 +74,7 @@ class Stage:
         )
         tracker.set_status("RUNNING")
         tracker.log_params(params)
+        tracker.log_dataset(cfg.data.root)
         status, error = "FAILED", None
         try:
             yield tracker
@@ -84,6 +85,26 @@ class Stage:
         finally:
             tracker.set_status(status, error)
             print(tracker.close().summary())
+
+    def lineage(self, directory: str | Path, tracking_uri: str) -> dict[str, str]:
+        """Tags naming the one at `directory` for a run that used it: its weights' sha256 and its MLflow run in
+        this store (or why there is none: a shipped copy was trained elsewhere); {} where none is saved."""
+        from mlflow.tracking import MlflowClient
+
+        summary = verified_summary(Path(directory), self.weights)
+        if summary is None:
+            return {}
+        key, prefix = self.run_key(summary["made_from"]), self.label.lower()
+        try:
+            client = MlflowClient(tracking_uri)
+            experiment = client.get_experiment_by_name(self.experiment)
+            found = (
+                client.search_runs([experiment.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}'") if experiment else []
+            )
+            run_id = found[0].info.run_id if found else "none in this store (a shipped or copied one)"
+        except Exception as exc:  # noqa: BLE001 - a tracking store that does not answer never stops training
+            run_id = f"unknown: the tracking store did not answer ({type(exc).__name__})"
+        return {f"{prefix}.weights_sha256": summary["weights_sha256"], f"{prefix}.run_id": run_id}
 
     def save(self, out: Path, summary: dict[str, Any], write: Callable[[Path], None]) -> None:
         """`write(tmp)` fills a temporary directory; the summary (with the weights' sha256 and the machine)

@@ -145,6 +145,21 @@ class Tracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._put("artifact", path=str(path), artifact_path=artifact_path)
 
+    def log_dataset(self, root: str | Path, context: str = "training") -> None:
+        """The dataset at `root` (this project's shards) as the run's MLflow dataset input: its key as the
+        digest, its folder as the source, its splits' sample counts as the profile."""
+        from mmdit_core.data.shards import read_manifest
+
+        manifest = read_manifest(root)
+        profile = {split: entry["samples"] for split, entry in manifest["splits"].items()}
+        dataset = {
+            "name": Path(root).name,
+            "digest": manifest["key"],
+            "source": str(Path(root).resolve()),
+            "profile": json.dumps({"samples": profile, "source": manifest.get("source", {})}),
+        }
+        self._put("inputs", dataset=dataset, context=context)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         self._put("tags", tags={k: str(v) for k, v in tags.items()})
 
@@ -253,6 +268,11 @@ class Tracker:
             client.log_batch(run_id, metrics=[Metric(k, v, a["timestamp"], a["step"]) for k, v in a["metrics"].items()])
         elif call.method == "artifact":
             client.log_artifact(run_id, a["path"], a["artifact_path"])
+        elif call.method == "inputs":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            dataset = Dataset(source_type="local", schema=None, **a["dataset"])
+            client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", a["context"])])])
         elif call.method == "tags":
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in a["tags"].items()])
         elif call.method == "status":

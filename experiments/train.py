@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mmdit_core.autoencoder import Autoencoder
-from mmdit_core.config import ExperimentConfig
+from mmdit_core.config import TRAINED_CLIP, ExperimentConfig
 from mmdit_core.data.shards import read_manifest
 from mmdit_core.data.training import latent_cache_shards
 from mmdit_core.timing import Phases
@@ -116,9 +116,24 @@ def open_run(cfg: ExperimentConfig, uri: str, run_dir: Path, tags: dict[str, str
     tracker.set_status("RUNNING")
     tracker.log_params(cfg.to_flat())
     tracker.log_artifact(run_dir / "config.yaml")
+    tracker.log_dataset(cfg.data.root)
+    tracker.set_tags(lineage(cfg, uri))
     if not tracker.wait_ready(15):  # the workers' tracker then finds this run instead of making a twin
         print(f"warning: MLflow at {uri} does not answer; training goes on and tracking calls are retried")
     return tracker
+
+
+def lineage(cfg: ExperimentConfig, uri: str) -> dict[str, str]:
+    """Tags linking a training run to the autoencoder it trained in and the CLIP that scores it, where
+    those were trained here (their weights' sha256 and MLflow runs)."""
+    from eval.clip_score import trained_clip_dir
+
+    from . import train_autoencoder, train_clip
+
+    tags = train_autoencoder.STAGE.lineage(cfg.autoencoder.path, uri) if cfg.autoencoder.kind == "trained" else {}
+    if cfg.eval.clip_model == TRAINED_CLIP:
+        tags |= train_clip.STAGE.lineage(trained_clip_dir(cfg.data.root), uri)
+    return tags
 
 
 def set_ray_environment() -> None:
@@ -223,7 +238,9 @@ def fit(
         tracker.log_metrics({"wall_s": summary["wall_s"]}, step=cfg.train.steps)
         tracker.set_status(status, error)
         delivery = tracker.close()
-        summary.update(status=status, mlflow_run_id=delivery.run_id, tracking=delivery.summary())
+        summary.update(
+            status=status, mlflow_run_id=delivery.run_id, mlflow_links=delivery.links, tracking=delivery.summary()
+        )
         print(delivery.summary())
 
 

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from test_import import EXT, GOOD_IMAGES, image_bytes, write_img2dataset_shard
 
 from experiments import demo, prepare_data
-from mmdit_core.data.shards import SkipCounts, make_loader, split_shards
+from mmdit_core.data.shards import SkipCounts, make_loader, read_manifest, split_shards
 
 PROJECT = Path(__file__).parent.parent
 TINY_DEMO = {  # every stage of the demo at a size that runs in seconds
@@ -139,9 +139,21 @@ def test_demo_runs_every_stage_on_a_foreign_source(kind, tmp_path, monkeypatch, 
         assert summary["stage_seconds"][stage] >= 0
     assert Path(summary["grid"]).is_file() and Path(summary["eval"]["report"]).is_file()
     client = MlflowClient(uri)
+    stage_runs = {}
     for experiment in ("autoencoder", "clip"):
         (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
         assert run.info.status == "FINISHED"
+        stage_runs[experiment] = run.info.run_id
+    # the UI's Dataset column and lineage: the data as a dataset input, the autoencoder's and CLIP's runs as tags
+    experiments = [e for e in client.search_experiments() if e.name != "Default"]
+    assert all(e.tags.get("mlflow.experimentKind") == "custom_model_development" for e in experiments)
+    (training,) = client.search_runs([e.experiment_id for e in experiments], "tags.`autoencoder.run_id` != ''")
+    assert training.data.tags["autoencoder.run_id"] == stage_runs["autoencoder"]
+    assert training.data.tags["clip.run_id"] == stage_runs["clip"]
+    (used,) = training.inputs.dataset_inputs
+    assert used.dataset.name == "ds" and used.dataset.digest == read_manifest(tmp_path / "ds")["key"]
+    assert json.loads(used.dataset.profile)["samples"]["train"] > 0
+    assert "?workflowType=machine_learning" in out
 
 
 def test_a_clip_whose_validation_fails_is_saved_and_validated_when_reused(tmp_path, monkeypatch, capsys):
