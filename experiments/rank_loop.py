@@ -15,7 +15,6 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -137,23 +136,8 @@ class RankZero:
         self.metrics = MetricsFile(loop.run_dir / "metrics.jsonl", loop.trainer.step)
         self.val_by_t: dict[float, float] | None = None  # of the last checkpoint (always at the final step)
         self.evaluator = None  # eval.evaluator.Evaluator, built at the first quick eval (eval.every)
-        self.system_metrics = None  # MLflow's SystemMetricsMonitor, started once the run is known
-
-    def watch_system(self) -> None:
-        """Start MLflow's CPU, memory and disk sampler (it needs psutil) on this run, once the tracker has found
-        it: never waiting on the tracking server."""
-        interval, run_id = self.loop.cfg.train.system_metrics_s, self.tracker.result.run_id
-        if self.system_metrics is not None or not interval or run_id is None or find_spec("psutil") is None:
-            return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        self.system_metrics = SystemMetricsMonitor(
-            run_id, sampling_interval=interval, resume_logging=True, tracking_uri=self.loop.launch.tracking_uri
-        )
-        self.system_metrics.start()
 
     def log_train(self, step: int, loss: float, metrics: dict[str, float], img_per_s: float) -> None:
-        self.watch_system()
         trainer = self.loop.trainer
         self.tracker.log_metrics(
             {
@@ -250,8 +234,6 @@ class RankZero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
     def close(self) -> None:
-        if self.system_metrics is not None:
-            self.system_metrics.finish()
         print(self.tracker.close().summary())
 
 
