@@ -68,16 +68,12 @@ def cheapest(
                 final = largest.get(axis, {}).get(metric, {}).get(arm)
                 if final is None:
                     continue
-                cell = next(
-                    (
-                        (p[0], summaries[p][axis][metric][arm])
-                        for p in pairs
-                        if summaries[p][axis].get(metric, {}).get(arm, {}).get("verdict") in VERDICTS
-                    ),
+                at = next(
+                    (p for p in pairs if summaries[p][axis].get(metric, {}).get(arm, {}).get("verdict") in VERDICTS),
                     None,
                 )
                 # an arm that --seeds auto stopped early has fewer seeds than the cap k: name the seeds it used
-                caught = None if cell is None else (cell[0], cell[1]["mean"].n)
+                caught = None if at is None else (at[0], summaries[at][axis][metric][arm]["mean"].n)
                 row[metric] = {"caught": caught, "verdict": final["verdict"]}
             found[(axis, arm)] = row
     return found
