@@ -96,6 +96,17 @@ AXES: dict[str, Axis] = {
             "classifier-free guidance (Ho & Salimans): training's and sampling's null condition must be one",
         ),
         Axis(
+            "latent_norm",
+            "training",
+            "autoencoder.latent_norm",
+            ("scale_shift", "none"),
+            "scale_shift",
+            "latents normalised by the autoencoder's shift and scaling factor, or fed raw (a silent bug): the data "
+            "no longer has the unit scale of the noise it is interpolated with",
+            "SD3's (z - shift) · scale; the forgotten 0.18215 of Stable Diffusion ports",
+            redefines_loss=True,  # the loss is measured on latents of another scale
+        ),
+        Axis(
             "cfg_scale",
             "sampling",
             "sample.cfg_scale",

@@ -4,7 +4,8 @@
 here by `experiments.train_autoencoder` and saved to `autoencoder.path`) or `pretrained` (any
 AutoencoderKL by hub id or local path, e.g. an SD VAE). Latents are normalised as in SD3,
 z' = (z - shift_factor) · scaling_factor, with both numbers read from the VAE's own config
-(the trained one stores values computed from its data). Encoding takes the posterior mean.
+(the trained one stores values computed from its data), unless `autoencoder.latent_norm=none`.
+Encoding takes the posterior mean; the latent cache stores it raw, so one cache serves both.
 """
 
 from __future__ import annotations
@@ -117,21 +118,34 @@ class Autoencoder(nn.Module):
         return cls(cfg, AutoencoderKL.from_pretrained(cfg.path, subfolder=cfg.subfolder))
 
     @property
+    def normalised(self) -> bool:
+        return self.vae is not None and self.cfg.latent_norm == "scale_shift"
+
+    @property
     def shift(self) -> float:
-        return float(self.vae.config.shift_factor or 0.0)
+        return float(self.vae.config.shift_factor or 0.0) if self.normalised else 0.0
 
     @property
     def scale(self) -> float:
-        return float(self.vae.config.scaling_factor)
+        return float(self.vae.config.scaling_factor) if self.normalised else 1.0
+
+    def normalise(self, raw: torch.Tensor) -> torch.Tensor:  # posterior means -> what the MMDiT sees
+        return (raw - self.shift) * self.scale if self.normalised else raw
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents / self.scale + self.shift if self.normalised else latents
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, C, H/f, W/f)
+    def encode_raw(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, C, H/f, W/f)
         if self.vae is None:
             return pixels
-        return (self.vae.encode(pixels).latent_dist.mean - self.shift) * self.scale
+        return self.vae.encode(pixels).latent_dist.mean
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, C, H/f, W/f), normalised
+        return self.normalise(self.encode_raw(pixels))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, 3, h·f, w·f)
         """Differentiable (loss_space=image backpropagates through it); the weights stay frozen."""
         if self.vae is None:
             return latents
-        return self.vae.decode(latents / self.scale + self.shift).sample
+        return self.vae.decode(self.denormalise(latents)).sample

@@ -197,6 +197,11 @@ class AutoencoderConfig(Section):
     subfolder: str | None = Field(None, description="e.g. `vae` inside a full pipeline repository")
     latent_channels: int = Field(16, ge=1)
     factor: int = Field(4, ge=1, description="spatial downsampling of the encoder")
+    latent_norm: Literal["scale_shift", "none"] = Field(
+        "scale_shift",
+        description="`scale_shift`: the MMDiT sees (z - shift_factor) · scaling_factor, as in SD3; `none`: raw "
+        "posterior means (the silent bug of a forgotten scaling factor, an ablation arm)",
+    )
     # Shape and training of the `trained` kind (experiments.train_autoencoder); the defaults are the
     # measured recipe for 32×32 scenes (docs/data.md).
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])

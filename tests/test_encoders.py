@@ -15,6 +15,7 @@ from mmdit_core.data.latents import (
 )
 from mmdit_core.data.scenes import PLAIN_BACKGROUND, make_scene, render
 from mmdit_core.data.shards import ShardStream, encode_sample, make_loader, read_manifest, split_shards, write_dataset
+from mmdit_core.data.training import TrainingData
 from mmdit_core.text import TextEncoder
 
 
@@ -85,6 +86,10 @@ def test_autoencoder_trains_and_round_trips_through_from_pretrained(tmp_path):
     torch.testing.assert_close(latents, expected)
     assert loaded.decode(latents).shape == pixels.shape
     assert not any(p.requires_grad for p in loaded.parameters())
+    raw = Autoencoder.load(cfg.model_copy(update={"latent_norm": "none"}))  # the forgotten-scaling-factor arm
+    assert (raw.shift, raw.scale) == (0.0, 1.0)
+    torch.testing.assert_close(raw.encode(pixels), loaded.encode_raw(pixels))
+    torch.testing.assert_close(loaded.normalise(loaded.encode_raw(pixels)), expected)
 
 
 def test_foreground_weights_mark_the_objects_of_a_scene():
@@ -144,7 +149,29 @@ def test_latent_cache_round_trip_and_stale_cache_refused(tmp_path, encoder):
     assert [s["key"] for s in samples] == [f"k{i}" for i in range(6)]
     scene = make_scene(0, 2)
     pixels = to_tensor(render(scene, 16))[None]
-    torch.testing.assert_close(samples[2]["latent"], autoencoder.encode(pixels)[0])
+    torch.testing.assert_close(samples[2]["latent"], autoencoder.encode_raw(pixels)[0])  # raw: normalised when read
+    autoencoder.vae.register_to_config(shift_factor=0.5, scaling_factor=3.0)  # read when training, not cached
+    for norm, expected_latent in (
+        ("scale_shift", autoencoder.encode(pixels)),
+        ("none", autoencoder.encode_raw(pixels)),
+    ):
+        arm = cfg.model_copy(
+            update={
+                "data": cfg.data.model_copy(update={"latent_cache": str(tmp_path / "cache")}),
+                "autoencoder": cfg.autoencoder.model_copy(update={"latent_norm": norm}),
+            }
+        )
+        fed = TrainingData(arm, Autoencoder(arm.autoencoder, autoencoder.vae), encoder)
+        x0, _ = fed.model_inputs(
+            {
+                **samples[2],
+                "latent": samples[2]["latent"][None],
+                "text": samples[2]["text"][None],
+                "mask": samples[2]["mask"][None],
+                "pooled": samples[2]["pooled"][None],
+            }
+        )
+        torch.testing.assert_close(x0, expected_latent)
     cond = encoder.encode([scene.caption])
     assert torch.equal(samples[2]["mask"], cond.mask[0]) and torch.equal(samples[2]["text"], cond.text[0])
 

@@ -1,7 +1,7 @@
 """The latent cache: train shards pre-encoded to latents and caption embeddings.
 
 Training from it reads tensors only: neither the autoencoder nor the text encoder runs in the loop.
-Each sample holds `latent.npy` (C, h, w), `text.npy` (valid tokens × D), `pooled.npy` and `txt`.
+Each sample holds `latent.npy` (C, h, w: the raw posterior mean, normalised when read), `text.npy` (valid tokens × D), `pooled.npy` and `txt`.
 The cache's key covers everything that produced it (the dataset's checksum, the autoencoder's
 weights, the text encoder and its settings); a cache whose key differs from the config's is
 refused, naming what changed.
@@ -31,7 +31,7 @@ class StaleCacheError(InputError, RuntimeError):
 
 def cache_components(cfg: ExperimentConfig, dataset_key: str, text_key: str) -> dict[str, Any]:
     return {"dataset": dataset_key, "image_size": cfg.data.image_size, "autoencoder": identity_key(cfg.autoencoder),
-            "autoencoder_kind": cfg.autoencoder.kind, "text_encoder": text_key}
+            "autoencoder_kind": cfg.autoencoder.kind, "latents": "posterior_mean", "text_encoder": text_key}
 
 
 def cache_key(components: dict[str, Any]) -> str:
@@ -47,7 +47,7 @@ def _npy(array: torch.Tensor) -> bytes:
 def encode_batches(batches: Iterable[dict[str, Any]], autoencoder: Autoencoder, encoder: TextEncoder):
     """Shard batches (image, caption) -> latent-cache samples."""
     for batch in batches:
-        latents = autoencoder.encode(batch["image"])
+        latents = autoencoder.encode_raw(batch["image"])
         cond = encoder.encode(batch["caption"])
         for i, key in enumerate(batch["key"]):
             length = int(cond.mask[i].sum())

@@ -50,7 +50,7 @@ class TrainingData:
 
     def model_inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Conditioning]:
         if "latent" in batch:
-            return batch["latent"], Conditioning(batch["text"], batch["mask"], batch["pooled"])
+            return self.autoencoder.normalise(batch["latent"]), Conditioning(batch["text"], batch["mask"], batch["pooled"])
         return self.autoencoder.encode(batch["image"]), self.encoder.encode(batch["caption"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Conditioning]]:
