@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from eval.evaluator import GRID, resolve_checkpoint
-from experiments.cli import add_overrides, add_tracking_uri, run_command
+from experiments.cli import Killed, add_overrides, add_tracking_uri, run_command, sigterm_raises_killed
 from experiments.cluster import start_ray
 from experiments.demo import prepare_inputs
 from experiments.evaluate import evaluate
@@ -258,29 +258,43 @@ def run(
         raise InputError(f"MLflow at {uri} does not answer; a sweep needs its parent run before trials start")
     parent_id = parent.result.run_id
 
-    start_ray(address)
-    per_trial = base.train.num_workers * base.train.cpus_per_worker
-    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
-    sweep = {
-        "plan": dict(plan.__dict__),
-        "name": name,
-        "parent_run_id": parent_id,
-        "tracking_uri": uri,
-        "cwd": os.getcwd(),
-        "faults": {k: asdict(v) for k, v in (faults or {}).items()},
-    }
-    outcome = fit_round(sweep, trials, Path(storage).resolve(), name, concurrent)
-    if rule := plan.seed_rule:
-        for seed in range(plan.seeds, rule.max_seeds):
-            variants = variants_to_seed(plan, arm_statuses(name, uri, rule, seed))
-            if not variants:
-                break
-            more = [Trial(combo, seed) for combo in variants]
-            outcome |= fit_round(sweep, more, Path(storage).resolve(), f"{name}-seed{seed}", concurrent)
-    failed = sum(v != "FINISHED" for v in outcome.values())
-    parent.set_tags({"trials_failed": str(failed), "trials": str(len(outcome))})
-    parent.set_status("FAILED" if failed == len(outcome) else "FINISHED", f"{failed} trials failed" if failed else None)
-    print(parent.close().summary())
+    status, error = "FAILED", None
+    try:
+        start_ray(address)
+        with sigterm_raises_killed():  # after ray.init, which installs its own handler
+            per_trial = base.train.num_workers * base.train.cpus_per_worker
+            concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+            sweep = {
+                "plan": dict(plan.__dict__),
+                "name": name,
+                "parent_run_id": parent_id,
+                "tracking_uri": uri,
+                "cwd": os.getcwd(),
+                "faults": {k: asdict(v) for k, v in (faults or {}).items()},
+            }
+            outcome = fit_round(sweep, trials, Path(storage).resolve(), name, concurrent)
+            if rule := plan.seed_rule:
+                for seed in range(plan.seeds, rule.max_seeds):
+                    variants = variants_to_seed(plan, arm_statuses(name, uri, rule, seed))
+                    if not variants:
+                        break
+                    more = [Trial(combo, seed) for combo in variants]
+                    outcome |= fit_round(sweep, more, Path(storage).resolve(), f"{name}-seed{seed}", concurrent)
+        failed = sum(v != "FINISHED" for v in outcome.values())
+        parent.set_tags({"trials_failed": str(failed), "trials": str(len(outcome))})
+        status, error = (
+            "FAILED" if failed == len(outcome) else "FINISHED",
+            f"{failed} trials failed" if failed else None,
+        )
+    except Killed:
+        status, error = "KILLED", "SIGTERM"
+        raise
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        parent.set_status(status, error)
+        print(parent.close().summary())
     return {"sweep": name, "mlflow_parent_run_id": parent_id, "trials": outcome, "failed": failed}
 
 

@@ -1,12 +1,15 @@
 """Shared command-line plumbing: --config / --set parsing that refuses a bad config before any work, the
 --tracking-uri option, and `run_command`, every command's entry point (user errors as one line, bugs with
-a traceback)."""
+a traceback, SIGTERM as Killed so that open runs end KILLED)."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mmdit_core.config import ExperimentConfig, load_config
@@ -39,11 +42,38 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, args.overrides)
 
 
+class Killed(BaseException):
+    """SIGTERM reached the driver (BaseException: no library's `except Exception` swallows it)."""
+
+
+@contextmanager
+def sigterm_raises_killed() -> Iterator[None]:
+    """SIGTERM raises Killed in this thread for the block. Only the main thread has signal handlers; a Ray
+    Tune trial runs fit() in another one, and Tune handles its stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Killed()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_command(main: Callable[[], Any]) -> None:
     """A command's entry point: bad input (InputError) prints one line naming it and exits with status 2;
-    any other exception is a bug and keeps its traceback."""
+    any other exception is a bug and keeps its traceback; SIGTERM ends the open MLflow runs KILLED and
+    exits with 143."""
     try:
-        main()
+        with sigterm_raises_killed():
+            main()
+    except Killed:
+        print("killed (SIGTERM)", file=sys.stderr)
+        raise SystemExit(143) from None
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

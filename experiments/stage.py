@@ -23,7 +23,7 @@ from mmdit_core.data.shards import SkipCounts, make_loader, split_shards
 from mmdit_core.files import atomic_directory, sha256_file, verified_summary
 from mmdit_core.machine import cpu_name
 
-from .cli import add_tracking_uri, config_parser, resolve_config
+from .cli import Killed, add_tracking_uri, config_parser, resolve_config
 from .tracking import RUN_KEY_TAG, Tracker, default_uri, git_commit
 
 Trains = Callable[[ExperimentConfig, "str | None"], dict[str, Any]]  # (config, tracking URI) -> summary
@@ -58,7 +58,8 @@ class Stage:
     def tracked(
         self, made: dict[str, Any], out: Path, params: dict[str, Any], tracking_uri: str | None, cfg: ExperimentConfig
     ) -> Iterator[Tracker]:
-        """A RUNNING MLflow run of this training; FINISHED if the block returns, else FAILED with the error.
+        """A RUNNING MLflow run of this training; FINISHED if the block returns, KILLED on SIGTERM, else FAILED
+        with the error.
         Where the data lies is a tag, not a param: the same data elsewhere re-attaches the same run."""
         tracker = Tracker(
             tracking_uri or default_uri(),
@@ -79,6 +80,9 @@ class Stage:
         try:
             yield tracker
             status = "FINISHED"
+        except Killed:
+            status, error = "KILLED", "SIGTERM"
+            raise
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}"
             raise

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mmdit_core.autoencoder import Autoencoder
 from mmdit_core.config import TRAINED_CLIP, ExperimentConfig
@@ -32,14 +30,10 @@ from mmdit_core.data.shards import read_manifest
 from mmdit_core.data.training import latent_cache_shards
 from mmdit_core.timing import Phases
 
-from .cli import add_tracking_uri, config_parser, resolve_config, run_command
+from .cli import Killed, add_tracking_uri, config_parser, resolve_config, run_command, sigterm_raises_killed
 from .cluster import start_ray
 from .rank_loop import PHASES_FILE, Faults, Launch, RankLoop
 from .tracking import Tracker, default_uri, git_commit
-
-
-class Killed(BaseException):
-    """SIGTERM reached the driver (BaseException: no library's `except Exception` swallows it)."""
 
 
 def train_loop(launch: dict[str, Any]) -> None:
@@ -141,24 +135,6 @@ def set_ray_environment() -> None:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     # Train's print patch sends a worker's print both to its stdout and through its logger: every line twice
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-
-
-@contextmanager
-def sigterm_raises_killed() -> Iterator[None]:
-    """SIGTERM raises Killed in this thread for the block. Only the main thread has signal handlers; a Ray
-    Tune trial runs fit() in another one, and Tune handles its stop."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise Killed()
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def torch_trainer(cfg: ExperimentConfig, launch: Launch, storage: str):

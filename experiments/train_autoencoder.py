@@ -63,9 +63,10 @@ def side_by_side(originals: torch.Tensor, recons: torch.Tensor, scale: int = 4) 
 
 
 def made_from(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What determines the trained weights: the autoencoder's settings (not where it is saved), the data, the seed."""
+    """What determines the trained weights: the autoencoder's settings (not where it is saved or how its
+    latents are normalised), the data, the seed."""
     return {
-        "autoencoder": cfg.autoencoder.model_dump(exclude={"path"}),
+        "autoencoder": cfg.autoencoder.model_dump(exclude={"path", "latent_norm"}),  # how latents are read, not made
         "dataset": read_manifest(cfg.data.root)["key"],
         "seed": cfg.train.seed,
     }

@@ -21,7 +21,9 @@ def test_every_arm_builds_a_valid_config_that_changes_only_its_field(axis, confi
         assert {k for k in flat if flat[k] != reference[k]} <= {axis.field}
         values.add(flat[axis.field])
     assert len(values) == len(axis.arms)  # every arm is a different setting
-    assert axis.field.split(".")[0] in (("sample", "eval") if axis.kind == "sampling" else ("model", "flow", "autoencoder"))
+    assert axis.field.split(".")[0] in (
+        ("sample", "eval") if axis.kind == "sampling" else ("model", "flow", "autoencoder")
+    )
     assert axis.tests and axis.source
 
 

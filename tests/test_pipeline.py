@@ -188,3 +188,54 @@ def test_demo_is_latent_and_its_shipped_autoencoder_and_clip_were_made_from_its_
     assert cfg.eval.clip_model == "trained"
     shipped = [verified_summary(p, train_clip.STAGE.weights) for p in sorted(train_clip.STAGE.shipped.iterdir())]
     assert train_clip.made_from(cfg) in [s["made_from"] for s in shipped if s is not None]
+
+
+def test_sigterm_during_a_stage_ends_its_run_killed_and_saves_nothing(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = [
+        f"data.root={tmp_path / 'ds'}",
+        "data.image_size=16",
+        "data.num_train=16",
+        "data.num_val=4",
+        "data.num_workers=0",
+        "autoencoder.kind=trained",
+        f"autoencoder.path={tmp_path / 'ae'}",
+        "autoencoder.factor=2",
+        "autoencoder.block_out_channels=[8, 8]",
+        "autoencoder.train_steps=1000000",
+        "autoencoder.batch_size=4",
+    ]
+    args = [arg for item in settings for arg in ("--set", item)]
+    prepare_data.main(args)
+    cfg = load_config(None, settings)
+    assert train_autoencoder.made_from(cfg) == train_autoencoder.made_from(
+        load_config(None, settings + ["autoencoder.latent_norm=none"])
+    )  # how latents are read does not retrain the autoencoder
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    client.search_experiments()  # creates the store's tables now: two processes creating them at once race
+    command = [sys.executable, "-m", "experiments.train_autoencoder", *args, "--tracking-uri", uri]
+    driver = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, started = time.monotonic() + 120, []
+        while not started and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(1)
+            experiment = (
+                MlflowClient(uri).get_experiment_by_name("autoencoder") if (tmp_path / "mlruns.db").exists() else None
+            )
+            started = experiment and MlflowClient(uri).search_runs([experiment.experiment_id])
+        assert started, "the autoencoder's run never started"
+        time.sleep(2)  # into the training steps
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=60) == 143 and "killed (SIGTERM)" in driver.stderr.read()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "SIGTERM"
+    assert not (tmp_path / "ae").exists()  # no half-written autoencoder
