@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.cli import add_tracking_uri, run_command
-from experiments.tracking import Tracker, default_uri
+from experiments.tracking import Tracker, default_uri, mlflow_client
 
 from .axes import get_axis
 from .report import (
@@ -114,10 +114,9 @@ def markdown(name: str, found: dict, sizes: list[int], seeds: int, level: str) -
 def detection(
     name: str, tracking_uri: str | None = None, out: str | Path | None = None, fixed_seeds: bool = False
 ) -> dict[str, Any]:
-    from mlflow.tracking import MlflowClient
 
     uri = tracking_uri or default_uri()
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     axes, _, rule, _ = read_sweep(client, name, uri)
     experiment, parent = sweep_parent(client, name, uri)
     sizes = eval_sizes(client, experiment.experiment_id, parent.info.run_id)

@@ -31,12 +31,12 @@ from typing import Any
 import torch
 
 from eval.evaluator import GRID, resolve_checkpoint
-from experiments.cli import Killed, add_overrides, add_tracking_uri, run_command, sigterm_raises_killed
+from experiments.cli import add_overrides, add_tracking_uri, run_command, sigterm_raises_killed, was_killed
 from experiments.cluster import start_ray
 from experiments.demo import prepare_inputs
 from experiments.evaluate import evaluate
 from experiments.rank_loop import Faults
-from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri
+from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri, mlflow_client
 from experiments.train import check_inputs, fit
 from mmdit_core.config import load_config
 from mmdit_core.errors import InputError
@@ -192,9 +192,8 @@ def fit_round(sweep: dict[str, Any], trials: list[Trial], storage: Path, name: s
 def arm_statuses(name: str, uri: str, rule: SeedRule, seeds: int) -> dict[tuple[str, str], ArmStatus]:
     """Every arm's status (ablations.allocation) from its first `seeds` seeds, read from the sweep's MLflow
     runs, and printed. Later seeds are left out, so a rerun takes every look again exactly as it was taken."""
-    from mlflow.tracking import MlflowClient
 
-    axes, _, _, obs = read_sweep(MlflowClient(uri), name, uri)
+    axes, _, _, obs = read_sweep(mlflow_client(uri), name, uri)
     obs = [o for o in obs if o.seed < seeds]
     status = arm_status(summarise(obs, axes, rule.confidence), {axis: get_axis(axis).reference for axis in axes}, rule)
     for (axis, arm), s in status.items():
@@ -286,11 +285,8 @@ def run(
             "FAILED" if failed == len(outcome) else "FINISHED",
             f"{failed} trials failed" if failed else None,
         )
-    except Killed:
-        status, error = "KILLED", "SIGTERM"
-        raise
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        status, error = ("KILLED", "SIGTERM") if was_killed(exc) else ("FAILED", f"{type(exc).__name__}: {exc}")
         raise
     finally:
         parent.set_status(status, error)
@@ -303,10 +299,9 @@ def reevaluate(name: str, tracking_uri: str | None = None, overrides: tuple[str,
     The plan comes from the sweep's parent run, each checkpoint from its trial run's storage path (a
     relative one is read from the current directory: run it where the sweep ran). A trial that fails
     is counted and reported; the others go on."""
-    from mlflow.tracking import MlflowClient
 
     uri = tracking_uri or default_uri()
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     experiment, parent = sweep_parent(client, name, uri)
     params = parent.data.params
     plan = SweepPlan(

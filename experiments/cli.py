@@ -46,6 +46,12 @@ class Killed(BaseException):
     """SIGTERM reached the driver (BaseException: no library's `except Exception` swallows it)."""
 
 
+def was_killed(exc: BaseException) -> bool:
+    """Killed, or what Killed became when it was raised inside a C extension (Ray's wait turns it into a
+    SystemError whose context is the Killed)."""
+    return isinstance(exc, Killed) or isinstance(exc.__context__, Killed)
+
+
 @contextmanager
 def sigterm_raises_killed() -> Iterator[None]:
     """SIGTERM raises Killed in this thread for the block. Only the main thread has signal handlers; a Ray
@@ -71,9 +77,11 @@ def run_command(main: Callable[[], Any]) -> None:
     try:
         with sigterm_raises_killed():
             main()
-    except Killed:
-        print("killed (SIGTERM)", file=sys.stderr)
-        raise SystemExit(143) from None
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BaseException as exc:
+        if not was_killed(exc):
+            raise
+        print("killed (SIGTERM)", file=sys.stderr)
+        raise SystemExit(143) from None

@@ -24,7 +24,7 @@ from mmdit_core.files import atomic_directory, sha256_file, verified_summary
 from mmdit_core.machine import cpu_name
 
 from .cli import Killed, add_tracking_uri, config_parser, resolve_config
-from .tracking import RUN_KEY_TAG, Tracker, default_uri, git_commit
+from .tracking import RUN_KEY_TAG, Tracker, default_uri, git_commit, mlflow_client
 
 Trains = Callable[[ExperimentConfig, "str | None"], dict[str, Any]]  # (config, tracking URI) -> summary
 
@@ -93,14 +93,13 @@ class Stage:
     def lineage(self, directory: str | Path, tracking_uri: str) -> dict[str, str]:
         """Tags naming the one at `directory` for a run that used it: its weights' sha256 and its MLflow run in
         this store (or why there is none: a shipped copy was trained elsewhere); {} where none is saved."""
-        from mlflow.tracking import MlflowClient
 
         summary = verified_summary(Path(directory), self.weights)
         if summary is None:
             return {}
         key, prefix = self.run_key(summary["made_from"]), self.label.lower()
         try:
-            client = MlflowClient(tracking_uri)
+            client = mlflow_client(tracking_uri)
             experiment = client.get_experiment_by_name(self.experiment)
             found = (
                 client.search_runs([experiment.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}'") if experiment else []

@@ -54,6 +54,18 @@ def refused(exc: Exception) -> bool:
     return isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, TypeError))
 
 
+_MLFLOW_IMPORT = threading.Lock()
+
+
+def mlflow_client(uri: str):
+    """An MlflowClient for `uri`. mlflow is imported on first use (it takes seconds), under a lock: two
+    threads importing it at once (a trial's thread and a Tracker's delivery thread) can meet its circular
+    imports half-initialised and fail with ImportError."""
+    with _MLFLOW_IMPORT:
+        from mlflow.tracking import MlflowClient
+    return MlflowClient(uri)
+
+
 def default_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlruns.db'}"
 
@@ -228,9 +240,7 @@ class Tracker:
     def _run_id(self) -> str:
         """The run for this run key: found (re-attached) or created, once per process."""
         if self.result.run_id is None:
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(self.uri)
+            client = mlflow_client(self.uri)
             experiment = client.get_experiment_by_name(self.experiment)
             if experiment is None:
                 experiment_id = client.create_experiment(
