@@ -20,8 +20,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
 from experiments.cli import add_tracking_uri, run_command
-from experiments.tracking import Tracker, default_uri, mlflow_client
+from experiments.tracking import Tracker, default_uri
 
 from .axes import get_axis
 from .report import (
@@ -116,7 +118,7 @@ def detection(
 ) -> dict[str, Any]:
 
     uri = tracking_uri or default_uri()
-    client = mlflow_client(uri)
+    client = MlflowClient(uri)
     axes, _, rule, _ = read_sweep(client, name, uri)
     experiment, parent = sweep_parent(client, name, uri)
     sizes = eval_sizes(client, experiment.experiment_id, parent.info.run_id)

@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from mlflow.tracking import MlflowClient
 from PIL import Image  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
@@ -34,7 +35,7 @@ from eval.fid import setup_line  # noqa: E402
 from eval.figures import titled_row  # noqa: E402
 from eval.stats import CONFIDENCE, Interval, mean_interval, paired_difference, verdict  # noqa: E402
 from experiments.cli import add_tracking_uri, run_command  # noqa: E402
-from experiments.tracking import RUN_KEY_TAG, SETUP_PREFIX, Tracker, default_uri, mlflow_client  # noqa: E402
+from experiments.tracking import RUN_KEY_TAG, SETUP_PREFIX, Tracker, default_uri  # noqa: E402
 from mmdit_core.errors import InputError  # noqa: E402
 
 from .allocation import PRIMARY, SeedRule, arm_status  # noqa: E402
@@ -593,7 +594,7 @@ def seed_lines(summary: dict[str, Any], rule: SeedRule | None) -> list[str]:
 def report(name: str, tracking_uri: str | None = None, out: str | Path | None = None) -> dict[str, Any]:
 
     uri = tracking_uri or default_uri()
-    client = mlflow_client(uri)
+    client = MlflowClient(uri)
     axes, seeds, rule, obs = read_sweep(client, name, uri)
     setup = common_setup(name, obs)
     summary = summarise(obs, axes, confidence_of(rule))

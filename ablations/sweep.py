@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.tracking import MlflowClient
 
 from eval.evaluator import GRID, resolve_checkpoint
 from experiments.cli import add_overrides, add_tracking_uri, run_command, sigterm_raises_killed, was_killed
@@ -36,7 +37,7 @@ from experiments.cluster import start_ray
 from experiments.demo import prepare_inputs
 from experiments.evaluate import evaluate
 from experiments.rank_loop import Faults
-from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri, mlflow_client
+from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri
 from experiments.train import check_inputs, fit
 from mmdit_core.config import load_config
 from mmdit_core.errors import InputError
@@ -193,7 +194,7 @@ def arm_statuses(name: str, uri: str, rule: SeedRule, seeds: int) -> dict[tuple[
     """Every arm's status (ablations.allocation) from its first `seeds` seeds, read from the sweep's MLflow
     runs, and printed. Later seeds are left out, so a rerun takes every look again exactly as it was taken."""
 
-    axes, _, _, obs = read_sweep(mlflow_client(uri), name, uri)
+    axes, _, _, obs = read_sweep(MlflowClient(uri), name, uri)
     obs = [o for o in obs if o.seed < seeds]
     status = arm_status(summarise(obs, axes, rule.confidence), {axis: get_axis(axis).reference for axis in axes}, rule)
     for (axis, arm), s in status.items():
@@ -301,7 +302,7 @@ def reevaluate(name: str, tracking_uri: str | None = None, overrides: tuple[str,
     is counted and reported; the others go on."""
 
     uri = tracking_uri or default_uri()
-    client = mlflow_client(uri)
+    client = MlflowClient(uri)
     experiment, parent = sweep_parent(client, name, uri)
     params = parent.data.params
     plan = SweepPlan(

@@ -334,7 +334,8 @@ def markdown(report: dict[str, Any]) -> str:
         *(
             [
                 f"Sampled at {report['transfer_size']}×{report['transfer_size']}, another side than the data's "
-                "(resolution transfer); FID and KID compare them with the data's images at Inception's 299×299."
+                f"(resolution transfer, {report['transfer']}); FID and KID compare them with the data's images at "
+                "Inception's 299×299."
             ]
             if report["transfer_size"]
             else []
@@ -416,8 +417,8 @@ def evaluate_checkpoint(
     model = MMDiT(cfg.model)
     step = load_checkpoint(path, model=model, weights=cfg.eval.weights).step
     model.to(device).eval()
-    transfer = f"_{cfg.eval.image_size}px" if cfg.eval.image_size else ""
-    out = Path(out) if out else path.parent / "eval" / f"step_{step:06d}{transfer}"
+    model.positions.scaling = cfg.sample.rope_scaling  # read only on another grid than the trained one
+    out = Path(out) if out else path.parent / "eval" / "_".join(filter(None, (f"step_{step:06d}", cfg.transfer)))
     out.mkdir(parents=True, exist_ok=True)
     autoencoder = Autoencoder.load(cfg.autoencoder).to(device)
     encoder = TextEncoder(cfg.text, device)
@@ -435,6 +436,7 @@ def evaluate_checkpoint(
         "step": step,
         "setup": evaluator.setup,  # what every FID, KID and CMMD here was computed from (but sampling)
         "transfer_size": cfg.eval.image_size,  # sampled at another side than the data's (None: the data's)
+        "transfer": cfg.transfer,  # its name, with the rope scaling ('' at the data's side)
         "reference": evaluator.reference_key,
         "real_vs_real": evaluator.floor,
         "oracle_on_real_images": evaluator.oracle,

@@ -43,8 +43,8 @@ def log_to_mlflow(uri: str, experiment: str, key: str, report: dict[str, Any]) -
     for point in report["points"]:
         setup = report["setup"]
         name = f"{point['name']}-n{setup['num_samples']}-{setup['weights']}-{setup_digest(setup)}"
-        if report["transfer_size"]:  # another resolution is another evaluation, never the same run
-            name += f"-{report['transfer_size']}px"
+        if report["transfer"]:  # another resolution (or rope scaling) is another evaluation, never the same run
+            name += f"-{report['transfer']}"
         setting = {field: point[field] for field in GRID}
         child = Tracker(
             uri,
@@ -61,6 +61,7 @@ def log_to_mlflow(uri: str, experiment: str, key: str, report: dict[str, Any]) -
         child.log_params(
             {
                 "image_size": report["transfer_size"] or "data",
+                "rope_scaling": report["points"][0]["sampling"]["rope_scaling"],
                 **setting,
                 "shift": point["sampling"]["shift"],
                 "noise_seed": point["sampling"]["seed"],

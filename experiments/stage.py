@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.tracking import MlflowClient
 
 from mmdit_core.config import ExperimentConfig
 from mmdit_core.data.shards import SkipCounts, make_loader, split_shards
@@ -24,7 +25,7 @@ from mmdit_core.files import atomic_directory, sha256_file, verified_summary
 from mmdit_core.machine import cpu_name
 
 from .cli import Killed, add_tracking_uri, config_parser, resolve_config
-from .tracking import RUN_KEY_TAG, Tracker, default_uri, git_commit, mlflow_client
+from .tracking import RUN_KEY_TAG, Tracker, default_uri, git_commit
 
 Trains = Callable[[ExperimentConfig, "str | None"], dict[str, Any]]  # (config, tracking URI) -> summary
 
@@ -99,7 +100,7 @@ class Stage:
             return {}
         key, prefix = self.run_key(summary["made_from"]), self.label.lower()
         try:
-            client = mlflow_client(tracking_uri)
+            client = MlflowClient(tracking_uri)
             experiment = client.get_experiment_by_name(self.experiment)
             found = (
                 client.search_runs([experiment.experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}'") if experiment else []

@@ -24,6 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Imported with this module, never first in a thread: two threads importing mlflow at once (a Tune trial's
+# and a Tracker's delivery thread) meet its circular imports half-initialised and fail with ImportError.
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_KEY_TAG = "mmdit.run_key"
 SETUP_PREFIX = "setup."  # eval runs' params of the FID setup (eval.evaluator.Evaluator.setup)
@@ -47,23 +53,9 @@ def refused(exc: Exception) -> bool:
     """Whether a failed call can never succeed: the store answered and rejected it (a bad or conflicting
     value, a missing run), or the call itself is broken (an artifact file that is not there). Anything
     else (the server unreachable, timing out or failing) may pass later and is retried in order."""
-    from mlflow.exceptions import MlflowException
-
     if isinstance(exc, MlflowException):
         return exc.error_code in REFUSAL_CODES
     return isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, TypeError))
-
-
-_MLFLOW_IMPORT = threading.Lock()
-
-
-def mlflow_client(uri: str):
-    """An MlflowClient for `uri`. mlflow is imported on first use (it takes seconds), under a lock: two
-    threads importing it at once (a trial's thread and a Tracker's delivery thread) can meet its circular
-    imports half-initialised and fail with ImportError."""
-    with _MLFLOW_IMPORT:
-        from mlflow.tracking import MlflowClient
-    return MlflowClient(uri)
 
 
 def default_uri() -> str:
@@ -240,7 +232,7 @@ class Tracker:
     def _run_id(self) -> str:
         """The run for this run key: found (re-attached) or created, once per process."""
         if self.result.run_id is None:
-            client = mlflow_client(self.uri)
+            client = MlflowClient(self.uri)
             experiment = client.get_experiment_by_name(self.experiment)
             if experiment is None:
                 experiment_id = client.create_experiment(
@@ -265,8 +257,6 @@ class Tracker:
         return self.result.run_id
 
     def _deliver(self, call: _Call) -> None:
-        from mlflow.entities import Metric, Param, RunTag
-
         run_id, a = self._run_id(), call.args
         client = self._client
         if call.method == "params":
@@ -279,8 +269,6 @@ class Tracker:
         elif call.method == "artifact":
             client.log_artifact(run_id, a["path"], a["artifact_path"])
         elif call.method == "inputs":
-            from mlflow.entities import Dataset, DatasetInput, InputTag
-
             dataset = Dataset(source_type="local", schema=None, **a["dataset"])
             client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", a["context"])])])
         elif call.method == "tags":

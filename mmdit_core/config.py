@@ -60,6 +60,11 @@ class ModelConfig(Section):
         description="init std of learned position embeddings (nn.Embedding's; "
         "at 0.02 the table places no object within the demo's steps)",
     )
+    rope_origin: Literal["corner", "centre"] = Field(
+        "corner",
+        description="rope2d's grid indices: 0..g-1 (Flux), or Qwen-Image's centred -g/2..g/2-1, which halves "
+        "how far a larger grid reaches past the trained positions (msrope is always centred)",
+    )
     time_cond: Literal["adaln_zero", "additive"] = "adaln_zero"
     block: Literal["joint", "cross", "adaln_only"] = "joint"
     qk_norm: Literal["none", "layernorm", "rmsnorm"] = "none"
@@ -140,6 +145,12 @@ class SampleConfig(Section):
     )
     shift: float = Field(1.0, gt=0, description="timestep shift (SD3): >1 spends more steps at high noise")
     seed: int = Field(0, ge=0)
+    rope_scaling: Literal["none", "interpolate", "ntk", "time_aware"] = Field(
+        "none",
+        description="rotary positions on a grid other than the trained one (eval.image_size): extrapolated "
+        "as they are, interpolated into the trained range (Chen et al. 2023), NTK-aware base scaling, or "
+        "Lumina-Next's time-aware switch (interpolated while t >= 0.5, NTK nearer the data)",
+    )
 
 
 class FetchConfig(Section):
@@ -393,11 +404,24 @@ class ExperimentConfig(Section):
                 f"eval.image_size={self.eval.image_size} is not divisible by model.patch_size × autoencoder "
                 f"factor = {step}"
             )
+        if self.sample.rope_scaling != "none" and self.eval.image_size in (None, self.data.image_size):
+            raise ValueError(
+                f"sample.rope_scaling={self.sample.rope_scaling} acts only on another grid than the trained one: "
+                "set eval.image_size to another side than data.image_size"
+            )
         if self.eval.clip_model == TRAINED_CLIP and self.data.image_size % self.clip.patch_size:
             raise ValueError(
                 f"data.image_size={self.data.image_size} is not divisible by clip.patch_size={self.clip.patch_size}"
             )
         return self
+
+    @property
+    def transfer(self) -> str:
+        """How an evaluation at another side than the data's is named ('' at the data's): '48px', '48px-rope_ntk'."""
+        if self.eval.image_size is None:
+            return ""
+        scaling = self.sample.rope_scaling
+        return f"{self.eval.image_size}px" + (f"-rope_{scaling}" if scaling != "none" else "")
 
     @property
     def latent_factor(self) -> int:

@@ -52,7 +52,11 @@ def grid_positions(grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.flatten(), cols.flatten()
 
 
-def axial_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, base: float = 10000.0):
+ROPE_BASE = 10000.0
+TIME_AWARE_SWITCH = 0.5  # rope_scaling=time_aware: interpolated positions at t >= this (layout), NTK below
+
+
+def axial_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, base: float = ROPE_BASE):
     """Rotation angles of axial 2-D RoPE at (row, col) positions: half of each head's channel pairs turn
     with the row, half with the column. Returns cos and sin, (P, 1, D/2) each (broadcast over heads)."""
     quarter = head_dim // 4
@@ -87,16 +91,23 @@ class Positions(nn.Module):
 
     learned: a trained table added to the image tokens (the write-up's fix; resized bicubically for
     another grid); sincos: a fixed 2-D table; rope2d: no table, image queries and keys rotate by
-    (row, column) in every attention; msrope (Qwen-Image's MSRoPE): image tokens rotate by (row, column)
-    measured from the image centre, and text tokens too, on the diagonal just past the image (token i
-    at (g/2 + i, g/2 + i)), so text positions act as 1-D RoPE and never coincide with image ones;
-    none: no position at all.
+    (row, column) in every attention (from the corner, or the centre with model.rope_origin); msrope
+    (Qwen-Image's MSRoPE): image tokens rotate by (row, column) measured from the image centre, and text
+    tokens too, on the diagonal just past the image (token i at (g/2 + i, g/2 + i)), so text positions
+    act as 1-D RoPE and never coincide with image ones; none: no position at all.
+
+    On another grid than the trained one, `scaling` (sample.rope_scaling, set by the evaluator) says what
+    the rotations do there: `none` extrapolates; `interpolate` shrinks positions by g/G into the trained
+    range (position interpolation); `ntk` keeps positions and raises the base by s^(q/(q-1)), s = G/g,
+    q frequencies per axis, so the slowest rotation is interpolated and the fastest kept (NTK-aware);
+    `time_aware` interpolates at high noise and switches to NTK nearer the data (Lumina-Next).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.kind, self.width, self.head_dim = cfg.pos_emb, cfg.width, cfg.head_dim
+        self.kind, self.width, self.head_dim, self.origin = cfg.pos_emb, cfg.width, cfg.head_dim, cfg.rope_origin
         self.grid = cfg.input_size // cfg.patch_size  # the trained grid
+        self.scaling = "none"
         self.cache: dict[tuple, object] = {}  # fixed tables and rotations, per grid, text length and device
         if cfg.pos_emb == "learned":
             self.table = nn.Parameter(torch.randn(1, self.grid**2, cfg.width) * cfg.pos_emb_init_std)
@@ -118,26 +129,41 @@ class Positions(nn.Module):
             return x + self.cache[key]
         return x
 
-    def rotary(self, grid: int, text_tokens: int, device: torch.device) -> Rotary:
-        key = ("rotary", grid, text_tokens if self.kind == "msrope" else 0, device)
+    def rotary(self, grid: int, text_tokens: int, t: torch.Tensor) -> Rotary:
+        scaling = self.scaling_at(grid, t)
+        key = ("rotary", grid, text_tokens if self.kind == "msrope" else 0, t.device, scaling)
         if key not in self.cache:
-            self.cache[key] = self._rotary(grid, text_tokens, device)
+            self.cache[key] = self._rotary(grid, text_tokens, t.device, scaling)
         return self.cache[key]
 
-    def _rotary(self, grid: int, text_tokens: int, device: torch.device) -> Rotary:
+    def scaling_at(self, grid: int, t: torch.Tensor) -> str:
+        """The rotary scaling this forward pass uses: `none` on the trained grid; time_aware resolved by t
+        (every row of a sampling batch shares it)."""
+        if grid == self.grid or self.kind not in ("rope2d", "msrope"):
+            return "none"
+        if self.scaling == "time_aware":
+            return "interpolate" if t[0].item() >= TIME_AWARE_SWITCH else "ntk"
+        return self.scaling
+
+    def _rotary(self, grid: int, text_tokens: int, device: torch.device, scaling: str) -> Rotary:
+        stretch = self.grid / grid if scaling == "interpolate" else 1.0
+        quarter = self.head_dim // 4
+        base = ROPE_BASE * (grid / self.grid) ** (quarter / max(quarter - 1, 1)) if scaling == "ntk" else ROPE_BASE
+        rows, cols = (index.double() for index in grid_positions(grid))
         if self.kind == "rope2d":
-            return Rotary(image=self._angles(*grid_positions(grid), device))
+            offset = grid // 2 if self.origin == "centre" else 0
+            return Rotary(image=self._angles((rows - offset) * stretch, (cols - offset) * stretch, base, device))
         if self.kind == "msrope":
-            rows, cols = grid_positions(grid)
             centre = (grid - 1) / 2
-            diagonal = grid / 2 + torch.arange(text_tokens, dtype=torch.float64)
+            diagonal = grid / 2 * stretch + torch.arange(text_tokens, dtype=torch.float64)  # just past the image
             return Rotary(
-                image=self._angles(rows - centre, cols - centre, device), text=self._angles(diagonal, diagonal, device)
+                image=self._angles((rows - centre) * stretch, (cols - centre) * stretch, base, device),
+                text=self._angles(diagonal, diagonal, base, device),
             )
         return Rotary()
 
-    def _angles(self, rows: torch.Tensor, cols: torch.Tensor, device: torch.device):
-        return tuple(a.to(device) for a in axial_angles(rows, cols, self.head_dim))
+    def _angles(self, rows: torch.Tensor, cols: torch.Tensor, base: float, device: torch.device):
+        return tuple(a.to(device) for a in axial_angles(rows, cols, self.head_dim, base))
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -405,7 +431,7 @@ class MMDiT(nn.Module):
         grid = x.shape[-1] // self.cfg.patch_size
         img = self.positions.add(self.patch_embed(x).flatten(2).transpose(1, 2), grid)  # (B, N, W)
         ctx = self.context_embed(text) if self.context_embed is not None else None  # (B, L, W)
-        rotary = self.positions.rotary(grid, length, x.device)
+        rotary = self.positions.rotary(grid, length, t)
         recompute = self.cfg.activation_checkpointing == "blocks" and torch.is_grad_enabled()
         for block in self.blocks:
             args = (img, ctx, c, text_mask, rotary)

@@ -266,7 +266,14 @@ def test_evaluate_cli_writes_report_and_nested_mlflow_runs(tmp_path, tiny_clip):
     assert setup["inception"] == saved["reference"]["extractor"] and setup["statistics"] == "float64"
     assert setup["batch_size"] == cfg.eval.batch_size and setup["image_size"] == cfg.data.image_size
     assert setup["jackknife"] == "6 groups, seed 0" and setup["cmmd"] == "RBF sigma 10, x1000, unbiased"
-    assert saved["points"][0]["sampling"] == {"sampler": "euler", "steps": 1, "cfg_scale": 1.0, "shift": 1.0, "seed": 0}
+    assert saved["points"][0]["sampling"] == {
+        "sampler": "euler",
+        "steps": 1,
+        "cfg_scale": 1.0,
+        "shift": 1.0,
+        "seed": 0,
+        "rope_scaling": "none",
+    }
     assert "Every FID, KID and CMMD here: num_samples 6, " in (out / "report.md").read_text()
     assert "Wall time by phase (s): setup" in (out / "report.md").read_text()
 
@@ -317,16 +324,19 @@ def test_resolution_transfer_samples_another_grid_into_its_own_runs(tmp_path):
             "eval.clip_model=null",
             "--set",
             "eval.image_size=24",
+            "--set",
+            "sample.rope_scaling=interpolate",
         ]
     )
     out = Path(report["out"])
-    assert report["transfer_size"] == 24 and out.name == "step_000002_24px"
+    assert report["transfer_size"] == 24 and out.name == "step_000002_24px-rope_interpolate"
     assert Image.open(next((out / report["points"][0]["name"] / "images").glob("*.png"))).size == (24, 24)
     assert (
         "adherence_position" in report["points"][0]["metrics"] and "Sampled at 24×24" in (out / "report.md").read_text()
     )
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id], "tags.`mmdit.kind` = 'eval'")
-    assert run.data.tags[RUN_KEY_TAG].endswith("-24px") and run.data.params["image_size"] == "24"
+    assert run.data.tags[RUN_KEY_TAG].endswith("-24px-rope_interpolate") and run.data.params["image_size"] == "24"
+    assert run.data.params["rope_scaling"] == "interpolate"
     with pytest.raises(InputError, match="eval.image_size=18 is not divisible"):
         evaluate.main(["--checkpoint", str(checkpoint), "--set", "eval.image_size=18"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import random_conditioning, tiny_model_config
 
-from mmdit_core.config import FlowConfig
+from mmdit_core.config import ConfigError, FlowConfig, load_config
 from mmdit_core.flow import RectifiedFlow
 from mmdit_core.model import MMDiT, Positions, attention, timestep_embedding
 
@@ -67,7 +67,7 @@ def test_adaln_zero_blocks_start_as_identity_and_output_is_zero():
     img, ctx, c = torch.randn(2, 16, 32), torch.randn(2, 5, 32), torch.randn(2, 32)
     mask = torch.ones(2, 5, dtype=torch.bool)
     for block in model.blocks:
-        out_img, out_ctx = block(img, ctx, c, mask, model.positions.rotary(4, 5, img.device))
+        out_img, out_ctx = block(img, ctx, c, mask, model.positions.rotary(4, 5, torch.zeros(2)))
         assert torch.equal(out_img, img) and torch.equal(out_ctx, ctx)
     cond = random_conditioning(2)
     assert torch.count_nonzero(model(torch.randn(2, 4, 8, 8), torch.rand(2), cond.text, cond.mask, cond.pooled)) == 0
@@ -212,7 +212,7 @@ def test_a_model_config_of_any_text_width_runs_without_naming_the_pooled_width()
 def test_msrope_places_text_tokens_on_the_diagonal_as_1d_rope():
     positions = Positions(tiny_model_config(pos_emb="msrope", width=64, num_heads=2))  # head dim 32
     g, L, D = 4, 6, 32
-    rotary = positions.rotary(g, L, torch.device("cpu"))
+    rotary = positions.rotary(g, L, torch.zeros(1))
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D)
 
@@ -231,6 +231,49 @@ def test_msrope_places_text_tokens_on_the_diagonal_as_1d_rope():
     x = torch.randn(2, g * g, 2, D)
     torch.testing.assert_close(rotary.image(x).norm(dim=-1), x.norm(dim=-1))  # rotations keep norms
     torch.testing.assert_close(rotary.text(x[:, :L]).norm(dim=-1), x[:, :L].norm(dim=-1))
+
+
+def rotary_angles(positions: Positions, grid: int, t: float = 0.0) -> torch.Tensor:
+    """The image tokens' rotation angles, (N, D/2), read back from their cos and sin."""
+    cos, sin = positions.rotary(grid, 3, torch.full((1,), t)).image_angles
+    return torch.atan2(sin, cos)[:, 0]
+
+
+@pytest.mark.parametrize("kind", ["rope2d", "msrope"])
+def test_rope_scaling_on_a_larger_grid(kind):
+    positions = Positions(tiny_model_config(pos_emb=kind, width=64, num_heads=2))  # head dim 32, trained grid 4
+    trained, q = rotary_angles(positions, 4), 32 // 4
+    extrapolated = rotary_angles(positions, 8)
+    for scaling in ("none", "interpolate", "ntk", "time_aware"):  # the trained grid is never rescaled
+        positions.scaling = scaling
+        torch.testing.assert_close(rotary_angles(positions, 4), trained)
+    positions.scaling = "interpolate"  # every position shrunk by 4/8 into the trained range
+    interpolated = rotary_angles(positions, 8)
+    if kind == "rope2d":  # token (2r, 2c) of the 8 × 8 grid turns as token (r, c) of the trained 4 × 4
+        torch.testing.assert_close(interpolated.unflatten(0, (8, 8))[::2, ::2].flatten(0, 1), trained)
+    assert interpolated[:, q - 1].abs().max() < extrapolated[:, q - 1].abs().max()  # the slowest never wraps
+    positions.scaling = "ntk"  # the fastest frequency kept, the slowest interpolated
+    ntk = rotary_angles(positions, 8)
+    torch.testing.assert_close(ntk[:, 0], extrapolated[:, 0])
+    torch.testing.assert_close(ntk[:, q - 1], interpolated[:, q - 1], rtol=1e-4, atol=1e-5)
+    positions.scaling = "time_aware"  # Lumina-Next: interpolated at high noise, NTK nearer the data
+    torch.testing.assert_close(rotary_angles(positions, 8, t=0.9), interpolated)
+    torch.testing.assert_close(rotary_angles(positions, 8, t=0.1), ntk)
+
+
+def test_centred_rope_origin_puts_index_zero_at_the_centre():
+    centred = Positions(tiny_model_config(width=64, num_heads=2, rope_origin="centre"))
+    angles = rotary_angles(centred, 4).unflatten(0, (4, 4))  # rows and columns -2..1
+    assert torch.count_nonzero(angles[2, 2]) == 0 and torch.count_nonzero(angles[0, 0]) > 0
+    corner = rotary_angles(Positions(tiny_model_config(width=64, num_heads=2)), 4).unflatten(0, (4, 4))
+    assert torch.count_nonzero(corner[0, 0]) == 0
+
+
+def test_rope_scaling_needs_another_side():
+    with pytest.raises(ConfigError, match="rope_scaling=ntk acts only on another grid"):
+        load_config(None, ["sample.rope_scaling=ntk"])
+    cfg = load_config(None, ["sample.rope_scaling=ntk", "eval.image_size=48"])
+    assert cfg.transfer == "48px-rope_ntk" and load_config(None, ["eval.image_size=48"]).transfer == "48px"
 
 
 def test_msrope_needs_joint_attention():
