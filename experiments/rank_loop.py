@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +139,26 @@ class RankZero:
         self.metrics = MetricsFile(loop.run_dir / "metrics.jsonl", loop.trainer.step)
         self.val_by_t: dict[float, float] | None = None  # of the last checkpoint (always at the final step)
         self.evaluator = None  # eval.evaluator.Evaluator, built at the first quick eval (eval.every)
+        self.system_metrics = None  # MLflow's SystemMetricsMonitor (train.system_metrics_s), once the run is known
+        self.tracker.set_tags({"rank0_node": platform.node()})  # also finds the run now, for the monitor
+        if cfg.train.system_metrics_s and find_spec("psutil") is not None:
+            threading.Thread(target=self.watch_system, name="watch-system", daemon=True).start()
+
+    def watch_system(self) -> None:
+        """Start MLflow's CPU, memory and disk sampler on this run as soon as the tracker has found the run
+        (in this thread: training never waits on the tracking server). It samples in its own thread; its
+        cost is measured in docs/performance.md."""
+        if not self.tracker.wait_ready(600):
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.system_metrics = SystemMetricsMonitor(
+            self.tracker.result.run_id,
+            sampling_interval=self.loop.cfg.train.system_metrics_s,
+            resume_logging=True,  # a resumed run continues its system/* steps
+            tracking_uri=self.loop.launch.tracking_uri,
+        )
+        self.system_metrics.start()
 
     def log_train(self, step: int, loss: float, metrics: dict[str, float], img_per_s: float) -> None:
         trainer = self.loop.trainer
@@ -234,6 +257,8 @@ class RankZero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
     def close(self) -> None:
+        if self.system_metrics is not None:
+            self.system_metrics.finish()  # before the run ends: the monitor stops at a run that is not RUNNING
         print(self.tracker.close().summary())
 
 

@@ -284,6 +284,12 @@ class TrainConfig(Section):
     )
     seed: int = Field(0, ge=0)
     log_every: int = Field(25, ge=1)
+    system_metrics_s: float = Field(
+        10.0,
+        ge=0,
+        description="seconds between rank 0's CPU and memory samples (MLflow's system/* metrics, "
+        "where psutil is installed); 0: off",
+    )
     max_nonfinite: int = Field(3, ge=1, description="non-finite steps in a row (skipped) before the run fails")
     # Distributed run (read by experiments.train; the library itself never starts workers).
     num_workers: int = Field(1, ge=1, description="data-parallel ranks (Ray Train workers)")

@@ -81,7 +81,8 @@ def test_local_ray_workers_silence_the_placement_group_cleaners_dashboard_warnin
 
 def test_killed_worker_resumes_and_matches_an_uninterrupted_run(workdir, local_ray):
     uri = f"sqlite:///{workdir / 'mlruns.db'}"
-    straight = train.fit(config(workdir, **{"train.storage_path": workdir / "straight"}), tracking_uri=uri)
+    sampled = {"train.storage_path": workdir / "straight", "train.system_metrics_s": 0.2}
+    straight = train.fit(config(workdir, **sampled), tracking_uri=uri)
     cfg = config(workdir)
     drilled = train.fit(cfg, tracking_uri=uri, faults=train.Faults(kill_at_step=7))
     assert (Path(drilled["grid"]).parent.parent / "killed_at_7").exists()
@@ -101,6 +102,9 @@ def test_killed_worker_resumes_and_matches_an_uninterrupted_run(workdir, local_r
     assert run.data.tags["final_checkpoint"] == drilled["checkpoint"]
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
     assert {"config.yaml", "samples", "trajectory.png", "loss.png"} <= artifacts
+
+    system = MlflowClient(uri).get_run(straight["mlflow_run_id"]).data.metrics  # MLflow's sampler, psutil's numbers
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(system)
 
     again = train.fit(cfg, tracking_uri=uri)  # resubmitting the same config resumes (here: already done)
     assert again["run_name"] == drilled["run_name"] and len(runs(uri, cfg.name, drilled["run_name"])) == 1
