@@ -11,15 +11,17 @@ samples generated per arm (N · k, fewer seeds first on a tie), at which the ver
 undone at a dearer one (the intervals are noisy too): the table gives the verdict at the largest N and
 every seed beside it.
 
-    python -m ablations.detection --sweep NAME [--seeds-fixed]    # outputs/sweeps/NAME/report/detection.md
+    python -m ablations.detection --sweep NAME [--seeds-fixed]    # outputs/sweeps/NAME/report/detection.{md,png}
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 from mlflow.tracking import MlflowClient
 
 from experiments.cli import add_tracking_uri, run_command
@@ -113,6 +115,55 @@ def markdown(name: str, found: dict, sizes: list[int], seeds: int, level: str) -
     return "\n".join(lines) + "\n"
 
 
+def matrix_figure(found: dict, path: str | Path) -> None:
+    """The table as a heat map: each cell shaded by the cost at which the metric first caught the arm
+    (samples generated per arm, N × seeds; seeds alone for val loss), darker green is cheaper, on a log
+    scale within each kind of cost; grey where it never did."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in METRICS if any(m in row for row in found.values())]
+    rows = list(found.values())
+    costs = [[_cost(row.get(m), m) for m in metrics] for row in rows]
+    spans = {}  # per kind of cost: (log of the cheapest, log of the dearest)
+    for trained in (True, False):
+        logs = [math.log(c) for row in costs for m, c in zip(metrics, row) if c and (m in TRAINED) == trained]
+        spans[trained] = (min(logs), max(logs)) if logs else (0.0, 0.0)
+    fig, ax = plt.subplots(figsize=(1.1 * len(metrics) + 2.5, 0.55 * len(found) + 1.6))
+    ax.imshow([[0.15 for _ in metrics] for _ in found], cmap="Greys", vmin=0, vmax=1)  # the not-caught grey
+    green = plt.get_cmap("Greens")
+    for i, row in enumerate(costs):
+        for j, (metric, cost) in enumerate(zip(metrics, row)):
+            if cost:
+                low, high = spans[metric in TRAINED]
+                dearness = (math.log(cost) - low) / (high - low) if high > low else 0.0
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color=green(0.7 - 0.5 * dearness)))
+            ax.text(j, i, _cell(rows[i].get(metric), metric), ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(metrics)), [METRICS[m][0] for m in metrics], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(found)), [f"{axis}={arm}" for axis, arm in found], fontsize=8)
+    ax.set_title("what catches what: fewest N and seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cost(cell: dict | None, metric: str) -> int | None:
+    """Samples generated per arm when first caught (seeds alone for a property of the trained model)."""
+    if not cell or not cell["caught"]:
+        return None
+    n, seeds = cell["caught"]
+    return seeds if metric in TRAINED else n * seeds
+
+
+def _cell(cell: dict | None, metric: str) -> str:
+    if not cell:
+        return "-"
+    if not cell["caught"]:
+        return "not caught"
+    n, seeds = cell["caught"]
+    return f"{seeds} seeds" if metric in TRAINED else f"N={n}\n{seeds} seeds"
+
+
 def detection(
     name: str, tracking_uri: str | None = None, out: str | Path | None = None, fixed_seeds: bool = False
 ) -> dict[str, Any]:
@@ -130,8 +181,10 @@ def detection(
     path = Path(out or Path("outputs/sweeps") / name / "report") / "detection.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(markdown(name, found, sizes, seeds, level_of(rule)))
+    matrix_figure(found, path.with_suffix(".png"))
     tracker = Tracker(uri, name, name, backlog=path.parent / "tracking_backlog.jsonl")
-    tracker.log_artifact(path, "report")
+    for written in (path, path.with_suffix(".png")):
+        tracker.log_artifact(written, "report")
     print(tracker.close().summary())
     return {"found": found, "sizes": sizes, "file": str(path)}
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from ablations import allocation, report, sweep
 from ablations.allocation import SeedRule
@@ -376,7 +377,7 @@ def test_sweep_help_lists_every_preset_and_starts_without_a_future_warning():
     assert "positions" in presets and f"ablations/presets: {', '.join(presets)}" in " ".join(done.stdout.split())
 
 
-def test_detection_finds_the_fewest_samples_and_seeds_that_catch_an_arm():
+def test_detection_finds_the_fewest_samples_and_seeds_that_catch_an_arm(tmp_path):
     from ablations import detection
 
     def obs(arm, seed, fid, loss):
@@ -397,3 +398,5 @@ def test_detection_finds_the_fewest_samples_and_seeds_that_catch_an_arm():
     ]["caught"] == (128, 4)
     text = detection.markdown("s", found, [32, 128], 4, "95%")
     assert "| pos_emb=none | N=128, " in text and "not caught (no detectable difference)" in text
+    detection.matrix_figure(found, tmp_path / "detection.png")
+    assert Image.open(tmp_path / "detection.png").size[0] > 200
