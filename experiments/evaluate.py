@@ -100,11 +100,14 @@ def evaluate(
     run_name: str | None = None,
 ) -> dict[str, Any]:
     """eval.evaluator.evaluate_checkpoint, then its MLflow runs, nested under the run `run_name` (default:
-    the name of the run the checkpoint's config makes today). Returns the report."""
+    the run directory the checkpoint lies in, the name it trained under; else the name its config makes
+    today, which a field added since with its default changes). Returns the report."""
     report = evaluate_checkpoint(checkpoint, grid=grid, overrides=overrides, out=out, device=device, verbose=verbose)
     trained = report.pop("trained")
+    run_dir = Path(report["checkpoint"]).parent.name
+    trained_as = run_dir if run_dir.startswith(f"{trained.name}-") else trained.run_name()
     report["mlflow_child_runs"] = log_to_mlflow(
-        tracking_uri or default_uri(), trained.name, run_name or trained.run_name(), report
+        tracking_uri or default_uri(), trained.name, run_name or trained_as, report
     )
     return report
 
