@@ -51,6 +51,7 @@ METRICS = {
     "eval/adherence_shape": ("shape adherence", True),
     "eval/adherence_whole": ("whole-caption adherence", True),
     "eval/adherence_whole_shape": ("whole caption with shape", True),
+    "eval/adherence_binding": ("binding (2+ objects)", True),
     "eval/clip_score": ("CLIP score", True),
     "val/loss": ("final val loss", False),
     "train/img_per_s": ("train images/s", True),

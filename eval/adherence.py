@@ -8,7 +8,9 @@ plain background. For each object its caption names, the oracle then asks three 
     position  is that colour in the object's grid cell (most of its pixels, not just a stray few)?
     shape     does the blob in the cell match the named shape best among the four template shapes?
 
-Whole-caption adherence needs colour and position (and, for `whole_shape`, shape) of every object.
+Whole-caption adherence needs colour and position (and, for `whole_shape`, shape) of every object;
+`binding` is whole-caption adherence over the captions of two or more objects only, where each colour
+must land in its own object's cell rather than just somewhere.
 Scores are exact in the sense that ground truth comes from the scene attributes, not a learned model.
 Scenes on the plain background only (a textured background is not in the label map).
 
@@ -214,6 +216,7 @@ class Adherence:
     shape: float
     whole: float  # every object right in colour and position
     whole_shape: float  # every object right in colour, position and shape
+    binding: float | None  # `whole` over the images of two or more objects; None where there are none
     objects: int
     images: int
     verdicts: list[list[ObjectVerdict]] = field(default_factory=list, repr=False)
@@ -222,7 +225,8 @@ class Adherence:
         return (
             f"colour {100 * self.colour:.1f}%  position {100 * self.position:.1f}%  shape {100 * self.shape:.1f}%  "
             f"whole caption {100 * self.whole:.1f}% (with shape {100 * self.whole_shape:.1f}%)  "
-            f"[{self.objects} objects, {self.images} images]"
+            + (f"binding {100 * self.binding:.1f}%  " if self.binding is not None else "")
+            + f"[{self.objects} objects, {self.images} images]"
         )
 
     def as_dict(self) -> dict:
@@ -236,12 +240,15 @@ def score_batch(images, scenes: list[Scene]) -> Adherence:
     verdicts = [judge_scene(image, scene) for image, scene in zip(images, scenes)]
     flat = [v for per_image in verdicts for v in per_image]
     mean = lambda values: float(np.mean(values)) if len(values) else 0.0  # noqa: E731
+    whole = [all(v.colour and v.position for v in vs) for vs in verdicts]
+    multi = [right for right, vs in zip(whole, verdicts) if len(vs) > 1]
     return Adherence(
         colour=mean([v.colour for v in flat]),
         position=mean([v.position for v in flat]),
         shape=mean([v.shape for v in flat]),
-        whole=mean([all(v.colour and v.position for v in vs) for vs in verdicts]),
+        whole=mean(whole),
         whole_shape=mean([all(v.colour and v.position and v.shape for v in vs) for vs in verdicts]),
+        binding=mean(multi) if multi else None,
         objects=len(flat),
         images=len(verdicts),
         verdicts=verdicts,

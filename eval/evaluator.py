@@ -7,7 +7,8 @@ val split has fewer; the same noise at every grid point, so points are paired) a
     FID, KID         against eval.reference_split (clean-fid protocol, cached reference statistics)
     CMMD             ×10³, the unbiased MMD² of the CLIP's image embeddings against the same reference images
     *_low, *_high    each one's 95% jackknife interval over the generated samples (eval.stats): its noise at N
-    adherence_*      the exact oracle, per attribute and per whole caption (built-in scenes only)
+    adherence_*      the exact oracle, per attribute and per whole caption, and binding on captions of two
+                     or more objects (built-in scenes only)
     clip_score       torchmetrics CLIPScore by eval.clip_model: by default the CLIP trained on this dataset
                      (experiments.train_clip); skipped, with a notice, if none loads; reports name the CLIP
     val_loss, _t*    validation loss at the fixed times eval.val_t (does not depend on sampling)
@@ -61,7 +62,7 @@ from .figures import eval_curves, sample_grid
 from .mmd import CMMD_SCALE, CMMD_SIGMA, gaussian_kernel, mmd_jackknife, polynomial_kernel
 from .stats import JACKKNIFE_SEED, jackknife_interval
 
-ADHERENCE = ("colour", "position", "shape", "whole", "whole_shape")
+ADHERENCE = ("colour", "position", "shape", "whole", "whole_shape", "binding")
 GRID_IMAGES = 16
 
 
@@ -275,7 +276,7 @@ class Evaluator:
         if self.scenes is not None:
             with phases("oracle"):
                 adherence = score_batch(images, self.scenes).as_dict()
-            metrics.update({f"adherence_{k}": adherence[k] for k in ADHERENCE})
+            metrics.update({f"adherence_{k}": adherence[k] for k in ADHERENCE if adherence[k] is not None})
         chw = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
         if self.clip is not None:
             with phases("clip"):

@@ -1,5 +1,7 @@
 """The exact adherence oracle on real renders (near perfect) and on mismatched captions (near chance)."""
 
+from dataclasses import replace
+
 import torch
 from conftest import render_split
 
@@ -39,3 +41,18 @@ def test_an_object_missing_beside_a_same_coloured_one_is_judged_from_its_own_pix
     assert present.colour and present.position and present.shape
     assert not (missing.colour or missing.position or missing.shape)
     assert score_batch(image[None], [captioned]).colour == 0.5
+
+
+def test_binding_scores_captions_of_two_objects_only_and_catches_exchanged_colours():
+    images, _, scenes = render_split(DataConfig(num_train=1, num_val=120, max_objects=2), "val")
+    multi = [i for i, s in enumerate(scenes) if len(s.objects) == 2 and s.objects[0].colour != s.objects[1].colour]
+    assert len(multi) > 10 and score_batch(images, scenes).binding == 1.0
+    exchanged = [
+        Scene((replace(a, colour=b.colour), replace(b, colour=a.colour)), s.background, s.texture_seed)
+        for s in (scenes[i] for i in multi)
+        for a, b in [s.objects]
+    ]
+    swapped = score_batch(images[multi], exchanged)
+    assert swapped.colour == 1.0 and swapped.binding == 0.0  # every colour is drawn, each in the other's cell
+    singles = [i for i, s in enumerate(scenes) if len(s.objects) == 1]
+    assert score_batch(images[singles], [scenes[i] for i in singles]).binding is None
