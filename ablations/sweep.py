@@ -33,12 +33,12 @@ from mlflow.tracking import MlflowClient
 
 from eval.evaluator import GRID, resolve_checkpoint
 from experiments.cli import add_overrides, add_tracking_uri, run_command, sigterm_raises_killed, was_killed
-from experiments.cluster import start_ray
+from experiments.cluster import check_storage, start_ray
 from experiments.demo import prepare_inputs
 from experiments.evaluate import evaluate
 from experiments.rank_loop import Faults
 from experiments.tracking import RUN_KEY_TAG, Tracker, default_uri
-from experiments.train import check_inputs, fit
+from experiments.train import check_inputs, fit, storage_location
 from mmdit_core.config import load_config
 from mmdit_core.errors import InputError
 
@@ -261,6 +261,9 @@ def run(
     status, error = "FAILED", None
     try:
         start_ray(address)
+        shared = base.train.storage_shared
+        check_storage(storage_location(base)[0], shared)  # every trial's Ray Train storage, before any trial
+        check_storage(str(Path(storage).resolve()), shared, "the sweep's Tune storage")
         with sigterm_raises_killed():  # after ray.init, which installs its own handler
             per_trial = base.train.num_workers * base.train.cpus_per_worker
             concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))

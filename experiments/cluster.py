@@ -1,5 +1,6 @@
 """Ray for this project: a one-node cluster on this machine for the `ray job submit` path
-(`make cluster-up/down`), and start_ray(), which joins a cluster or starts Ray inside this process.
+(`make cluster-up/down`), start_ray(), which joins a cluster or starts Ray inside this process, and
+check_storage(), which refuses, before anything trains, a storage path some node of the cluster cannot reach.
 
     python -m experiments.cluster up [--num-cpus N] [--dashboard-port 8265]
     python -m experiments.cluster down
@@ -21,7 +22,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
+
+from mmdit_core.errors import InputError
 
 STATE = Path("outputs/ray-cluster/head.json")
 CLUSTER_ENV = {
@@ -45,7 +49,8 @@ def quiet_placement_group_cleaner() -> None:
 def start_ray(address: str | None, **local) -> None:
     """Connect to the cluster at `address` (or RAY_ADDRESS), else start Ray in this process (`local`:
     more ray.init arguments) without its dashboard: on a 2-core machine the dashboard's processes cost
-    training about 9% of its speed."""
+    training about 9% of its speed. The local start says so (address="local"): a bare ray.init() joins
+    a cluster that `ray start` left running on the machine (a test's two-node cluster, say)."""
     import ray
 
     if ray.is_initialized():
@@ -54,8 +59,71 @@ def start_ray(address: str | None, **local) -> None:
         ray.init(address=address)
     else:
         ray.init(
-            include_dashboard=False, runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner}, **local
+            address="local",
+            include_dashboard=False,
+            runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner},
+            **local,
         )
+
+
+STORAGE_FIX = (
+    "a URI every node writes to (s3://, gs://, ...), or a directory mounted at the same path on every node "
+    "(NFS) declared with train.storage_shared=true"
+)
+
+
+def check_storage(path: str, shared: bool, what: str = "train.storage_path") -> None:
+    """Refuse a storage path that some alive node cannot reach. Since Ray 2.7 nothing syncs checkpoints
+    to the head node, and Ray Train only fails when the first checkpoint is reported, after start-up and
+    training steps. One node, or a URI: nothing to check. A local path on several nodes is refused unless
+    declared shared; a declared one is proven: a marker the driver writes there must be read by a task on
+    every node."""
+    import ray
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if len(nodes) < 2 or "://" in path:
+        return
+    if not shared:
+        raise InputError(
+            f"{what}={path!r} is a local path and this Ray cluster has {len(nodes)} nodes: each node would keep "
+            f"its own checkpoints where the others cannot read them; use {STORAGE_FIX}"
+        )
+    blind = nodes_not_seeing(Path(path), nodes)
+    if blind:
+        raise InputError(
+            f"{what}={path!r} is declared shared (train.storage_shared=true) but {len(blind)} of {len(nodes)} "
+            f"nodes cannot read a marker the driver wrote there: {', '.join(blind)}; use {STORAGE_FIX}"
+        )
+
+
+def read_text_or_none(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def nodes_not_seeing(directory: Path, nodes: list[dict], timeout: float = 60.0) -> list[str]:
+    """The nodes (address and ID) on which a task cannot read a marker written into `directory` here."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    directory.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    marker = directory / f".storage-check-{token}"
+    marker.write_text(token)
+    try:
+        read = ray.remote(num_cpus=0)(read_text_or_none)
+        found = {
+            f"{node['NodeManagerAddress']} (node {node['NodeID'][:12]})": read.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ).remote(str(marker))
+            for node in nodes
+        }
+        ready, _ = ray.wait(list(found.values()), num_returns=len(found), timeout=timeout)
+        return [name for name, ref in found.items() if ref not in ready or ray.get(ref) != token]
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def job_server_up(address: str) -> bool:

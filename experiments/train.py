@@ -31,7 +31,7 @@ from mmdit_core.data.training import latent_cache_shards
 from mmdit_core.timing import Phases
 
 from .cli import Killed, add_tracking_uri, config_parser, resolve_config, run_command, sigterm_raises_killed
-from .cluster import start_ray
+from .cluster import check_storage, start_ray
 from .rank_loop import PHASES_FILE, Faults, Launch, RankLoop
 from .tracking import Tracker, default_uri, git_commit
 
@@ -192,6 +192,7 @@ def fit(
     try:
         with phases("ray_start"):
             start_ray(address)
+            check_storage(storage, cfg.train.storage_shared)
         with sigterm_raises_killed(), phases("fit"):  # after ray.init, which installs its own handler
             result = fit_interruptibly(torch_trainer(cfg, launch, storage))
         if (run_dir / "summary.json").exists():

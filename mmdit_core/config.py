@@ -301,6 +301,11 @@ class TrainConfig(Section):
     sample_every: int = Field(0, ge=0, description="log a sample grid every N steps (0: only at the end)")
     num_grid_samples: int = Field(16, ge=1, description="held-out captions in each logged sample grid")
     storage_path: str = Field("outputs/runs", description="run directories: checkpoints, samples, metrics")
+    storage_shared: bool = Field(
+        False,
+        description="storage_path is a directory every node of a multi-node cluster mounts (NFS): checked at "
+        "start-up by a marker every node must read; without it a local path on several nodes is refused",
+    )
 
 
 class EvalConfig(Section):

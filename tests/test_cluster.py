@@ -2,6 +2,8 @@
 and checkpoint; and cluster.yaml against Ray's own cluster-launcher schema."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -102,3 +104,89 @@ def test_cluster_yaml_matches_rays_schema():
     assert not any(
         key in text for key in ("aws_secret_access_key", "aws_access_key_id", "password", "api_key", "token:")
     )
+
+
+@pytest.fixture
+def two_nodes():
+    """A head and one more node on this machine (ray.cluster_utils.Cluster), this process connected."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp})
+    try:
+        nodes.add_node(num_cpus=1)
+        ray.init(address=nodes.address)
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+def test_a_local_storage_path_on_two_nodes_is_refused_before_training(two_nodes, tmp_path):
+    from mmdit_core.config import load_config
+    from mmdit_core.errors import InputError
+
+    with pytest.raises(InputError, match=r"train.storage_path=.* 2 nodes.*train.storage_shared=true"):
+        cluster.check_storage(str(tmp_path / "runs"), shared=False)
+    cluster.check_storage("s3://bucket/runs", shared=False)  # a URI: every node writes there itself
+    cluster.check_storage(str(tmp_path / "runs"), shared=True)  # declared, and both nodes see this machine's disk
+    assert not any((tmp_path / "runs").iterdir())  # the marker is gone
+    alone = (
+        "from experiments.cluster import start_ray; import ray; start_ray(None, num_cpus=1); print(len(ray.nodes()))"
+    )
+    started = subprocess.run([sys.executable, "-c", alone], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert started.stdout.split()[-1] == "1", started.stderr[-2000:]  # a local start joins no cluster left running
+
+    from experiments import train
+
+    sets = {"data.root": tmp_path / "scenes", "text.cache_dir": tmp_path / "text", "train.storage_path": tmp_path / "r"}
+    prepare_data.main(["--config", str(TINY), *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))])
+    cfg = load_config(TINY, [f"{k}={v}" for k, v in sets.items()])
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    with pytest.raises(InputError, match="train.storage_path"):
+        train.fit(cfg, tracking_uri=uri, address=two_nodes.address)
+    (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name(cfg.name).experiment_id])
+    assert run.info.status == "FAILED"
+    assert not list((tmp_path / "r").rglob("checkpoint_*"))  # refused before a step
+
+
+def can_unshare_mounts() -> bool:
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_unshare_mounts(), reason="needs `unshare -m` (a mount namespace) to hide a directory")
+def test_a_shared_path_one_node_cannot_see_is_proven_and_the_node_named(two_nodes, tmp_path):
+    """A third node starts in its own mount namespace with an empty tmpfs over the storage directory:
+    it is alive in the cluster but cannot see what the driver writes there, like a node whose NFS mount
+    is missing."""
+    import time
+
+    import ray
+
+    from mmdit_core.errors import InputError
+
+    storage = tmp_path / "shared"
+    storage.mkdir()
+    ray_bin = Path(sys.executable).parent / "ray"
+    start = f"mount -t tmpfs tmpfs {storage} && exec {ray_bin} start --address={two_nodes.address} --num-cpus=1 --block"
+    blind = subprocess.Popen(
+        ["unshare", "-m", "sh", "-c", start],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while sum(n["Alive"] for n in ray.nodes()) < 3:
+            assert time.monotonic() < deadline and blind.poll() is None, "the third node did not join"
+            time.sleep(1)
+        with pytest.raises(InputError, match=r"declared shared .* 1 of 3 nodes cannot read") as refused:
+            cluster.check_storage(str(storage), shared=True)
+        (node,) = [
+            n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in {x.node_id for x in two_nodes.list_all_nodes()}
+        ]
+        assert node["NodeID"][:12] in str(refused.value)
+    finally:
+        os.killpg(blind.pid, signal.SIGTERM)
+        blind.wait(timeout=60)
