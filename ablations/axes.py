@@ -5,12 +5,19 @@ sampling-time axis changes only how a trained checkpoint is sampled or which of 
 used, so every trained checkpoint is evaluated at each of its arms and nothing is retrained.
 
     AXES["pos_emb"].overrides("none")   # ["model.pos_emb=none"]
+
+Any config field is an axis too (`--axis model.width=128,64,256`): its arms are the values given, the
+first the reference; it is sampling-time where eval.evaluator.GRID samples with it, else training-time.
+A sweep keeps such an axis's values reference first, so (name, arms) is all it takes to rebuild it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+from eval.evaluator import GRID
 
 HAND_BUILT = "the hand-built MMDiT write-up"
 
@@ -192,7 +199,32 @@ AXES: dict[str, Axis] = {
 }
 
 
-def get_axis(name: str) -> Axis:
-    if name not in AXES:
-        raise KeyError(f"unknown axis {name!r} (axes: {', '.join(AXES)})")
-    return AXES[name]
+def field_axis(field: str, values: Sequence[str]) -> Axis:
+    """The axis over config `field` at `values`, the first the reference."""
+    values = tuple(str(v) for v in values)
+    if len(values) < 2 or len(set(values)) < len(values):
+        raise KeyError(f"axis {field}: give two or more different values, the reference first ({field}=V1,V2,...)")
+    sampling = field.startswith("sample.") and field.removeprefix("sample.") in GRID
+    return Axis(
+        field,
+        "sampling" if sampling else "training",
+        field,
+        values,
+        values[0],
+        f"{field} at {', '.join(values)}",
+        "a config field (--axis)",
+    )
+
+
+def get_axis(name: str, arms: Sequence[str] | None = None) -> Axis:
+    """A named axis, or, for a dotted name, the axis over that config field at `arms` (reference first)."""
+    if name in AXES:
+        return AXES[name]
+    if "." in name:
+        return field_axis(name, arms or ())
+    raise KeyError(f"unknown axis {name!r} (axes: {', '.join(AXES)}; or any config field: --axis FIELD=V1,V2,...)")
+
+
+def references(axes: dict[str, Sequence[str]]) -> dict[str, str]:
+    """Each axis's reference arm."""
+    return {name: get_axis(name, arms).reference for name, arms in axes.items()}

@@ -66,7 +66,7 @@ def cheapest(
     largest = summaries[(max(by_size), seeds)]
     found: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for axis, arms in axes.items():
-        for arm in (a for a in arms if a != get_axis(axis).reference):
+        for arm in (a for a in arms if a != get_axis(axis, arms).reference):
             row = {}
             for metric in (m for m in METRICS if m not in SKIPPED):
                 final = largest.get(axis, {}).get(metric, {}).get(arm)

@@ -21,7 +21,7 @@ import yaml
 from mmdit_core.errors import InputError, MissingInput
 
 from .allocation import SeedRule
-from .axes import get_axis
+from .axes import Axis, get_axis
 
 PRESETS = Path(__file__).parent / "presets"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -30,15 +30,16 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Trial:
     """One training run of a sweep: the arm of every training-time axis of the sweep, and its seed.
-    Reference arms are set explicitly too: the base config need not sit at them."""
+    Reference arms are set explicitly too: the base config need not sit at them. Made by SweepPlan.trial."""
 
     arms: tuple[tuple[str, str], ...]  # ((axis name, arm), ...) for every training-time axis
     seed: int
+    axes: tuple[Axis, ...]  # the axis of each arm
 
     @property
     def moved(self) -> tuple[tuple[str, str], ...]:
         """The arms off the reference."""
-        return tuple((axis, arm) for axis, arm in self.arms if arm != get_axis(axis).reference)
+        return tuple((name, arm) for axis, (name, arm) in zip(self.axes, self.arms) if arm != axis.reference)
 
     @property
     def name(self) -> str:
@@ -46,14 +47,16 @@ class Trial:
         return f"{moved}-s{self.seed}"
 
     def overrides(self) -> list[str]:
-        return [o for axis, arm in self.arms for o in get_axis(axis).overrides(arm)] + [f"train.seed={self.seed}"]
+        return [o for axis, (_, arm) in zip(self.axes, self.arms) for o in axis.overrides(arm)] + [
+            f"train.seed={self.seed}"
+        ]
 
 
 @dataclass(frozen=True)
 class SweepPlan:
     name: str
     config: str  # the base experiment config (YAML path)
-    axes: dict[str, tuple[str, ...]]  # axis name -> the arms swept (the reference arm always among them)
+    axes: dict[str, tuple[str, ...]]  # axis name -> the arms swept (the reference among them; a field axis's first)
     seeds: int  # per arm; with max_seeds, the first round's (--seeds auto)
     overrides: tuple[str, ...] = ()  # --set overrides on the base config, for every trial
     combine: Literal["one_at_a_time", "product"] = "one_at_a_time"
@@ -72,15 +75,24 @@ class SweepPlan:
                     f"sweep {self.name}: --seeds auto allocates seeds per arm, one axis at a time; "
                     "a `combine: product` sweep takes a fixed number of seeds"
                 )
+        fields = [self.axis(name).field for name in self.axes]
+        if twice := sorted({f for f in fields if fields.count(f) > 1}):
+            raise InputError(f"sweep {self.name}: more than one axis sets {', '.join(twice)}")
         for name, arms in self.axes.items():
-            axis = get_axis(name)
+            axis = self.axis(name)
             for arm in arms:
                 axis.overrides(arm)  # an unknown arm is named here
             if axis.reference not in arms:
                 raise InputError(f"sweep {self.name}: axis {name} must keep its reference arm {axis.reference!r}")
 
+    def axis(self, name: str) -> Axis:
+        return get_axis(name, self.axes[name])
+
     def of_kind(self, kind: str) -> dict[str, tuple[str, ...]]:
-        return {name: arms for name, arms in self.axes.items() if get_axis(name).kind == kind}
+        return {name: arms for name, arms in self.axes.items() if self.axis(name).kind == kind}
+
+    def trial(self, arms: tuple[tuple[str, str], ...], seed: int) -> Trial:
+        return Trial(arms, seed, tuple(self.axis(name) for name, _ in arms))
 
     @property
     def seed_rule(self) -> SeedRule | None:
@@ -89,7 +101,7 @@ class SweepPlan:
     def combos(self) -> list[tuple[tuple[str, str], ...]]:
         """The arm of every training axis, per trained variant, reference first."""
         training = self.of_kind("training")
-        reference = {name: get_axis(name).reference for name in training}
+        reference = {name: self.axis(name).reference for name in training}
         if self.combine == "product":
             combos = [dict(zip(training, arms)) for arms in itertools.product(*training.values())]
         else:
@@ -100,13 +112,15 @@ class SweepPlan:
 
     def trials(self) -> list[Trial]:
         """Training runs (the first round's with --seeds auto), seed-major within each variant, reference first."""
-        return [Trial(combo, seed) for combo in self.combos() for seed in range(self.seeds)]
+        return [self.trial(combo, seed) for combo in self.combos() for seed in range(self.seeds)]
 
     def sampling_overrides(self, axis: str, arm: str) -> list[str]:
         """The reference arm of every sampling axis, with `axis` moved to `arm`."""
         sampling = self.of_kind("sampling")
         return [
-            o for name in sampling for o in get_axis(name).overrides(arm if name == axis else get_axis(name).reference)
+            o
+            for name in sampling
+            for o in self.axis(name).overrides(arm if name == axis else self.axis(name).reference)
         ]
 
 

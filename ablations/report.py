@@ -39,7 +39,7 @@ from experiments.tracking import RUN_KEY_TAG, SETUP_PREFIX, Tracker, default_uri
 from mmdit_core.errors import InputError  # noqa: E402
 
 from .allocation import PRIMARY, SeedRule, arm_status  # noqa: E402
-from .axes import get_axis  # noqa: E402
+from .axes import get_axis, references  # noqa: E402
 
 # metric -> (label, higher is better)
 METRICS = {
@@ -94,6 +94,10 @@ class Observation:
     setup: dict[str, str] = field(default_factory=dict)  # its FID setup (eval runs' setup.* params)
     sampling_params: dict[str, str] = field(default_factory=dict)  # its SAMPLING_PARAMS
     seconds: dict[str, float] = field(default_factory=dict)  # its trial's training phases, its evaluation's phases
+    references: dict[str, str] = field(default_factory=dict)  # its sweep's axes -> reference arm (named: optional)
+
+    def reference(self, axis: str) -> str:
+        return self.references[axis] if axis in self.references else get_axis(axis).reference
 
 
 def _same(a: str, b: str) -> bool:
@@ -103,9 +107,9 @@ def _same(a: str, b: str) -> bool:
         return a == b
 
 
-def _at_reference(arms: dict[str, str]) -> bool:
-    """Every axis in `arms` (axis -> arm) at its reference arm."""
-    return all(_same(arm, get_axis(axis).reference) for axis, arm in arms.items())
+def _at_reference(o: Observation, arms: dict[str, str]) -> bool:
+    """Every axis in `arms` (axis -> arm) at the reference arm of `o`'s sweep."""
+    return all(_same(arm, o.reference(axis)) for axis, arm in arms.items())
 
 
 def observations(
@@ -114,7 +118,8 @@ def observations(
     """One observation per trial and sampling point: of several eval runs at one point (evaluated again
     with other settings, e.g. more samples), the one that finished last; with `num_samples`, the last of
     those at that N."""
-    sampling_axes = [name for name in axes if get_axis(name).kind == "sampling"]
+    sampling_axes = [name for name in axes if get_axis(name, axes[name]).kind == "sampling"]
+    reference_arms = references(axes)
     found = []
     for trial in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
         latest: dict[tuple, tuple[int, Observation]] = {}
@@ -131,7 +136,7 @@ def observations(
             sampling = {}
             for name in sampling_axes:
                 value = ev.data.params[
-                    get_axis(name).field.split(".")[-1]
+                    get_axis(name, axes[name]).field.split(".")[-1]
                 ]  # eval runs log their sampling fields by name
                 sampling[name] = next((arm for arm in axes[name] if _same(arm, value)), value)
             metrics = {
@@ -164,6 +169,7 @@ def observations(
                             for p in EVAL_PHASES
                             if f"eval/seconds_{p}" in ev.data.metrics
                         },
+                        reference_arms,
                     ),
                 )
         found += [o for _, o in latest.values()]
@@ -191,7 +197,7 @@ def sampling_line(obs: list[Observation], axes: dict[str, list[str]]) -> str:
     parts = []
     for param in SAMPLING_PARAMS:
         values = sorted({o.sampling_params.get(param, NOT_RECORDED) for o in obs}, key=lambda v: (len(v), v))
-        axis = next((a for a in axes if get_axis(a).field.split(".")[-1] == param), None)
+        axis = next((a for a in axes if get_axis(a, axes[a]).field.split(".")[-1] == param), None)
         parts.append(f"{param} {'/'.join(values)}" + (f" (axis {axis})" if axis and len(values) > 1 else ""))
     return "Sampled with: " + ", ".join(parts) + "."
 
@@ -201,7 +207,8 @@ def arm_rows(obs: list[Observation], axes: dict[str, list[str]], axis: str) -> d
     rows: dict[str, dict[int, Observation]] = {}
     for o in obs:
         arms = {**o.training, **o.sampling}
-        if axis in arms and _at_reference({name: arm for name, arm in arms.items() if name != axis and name in axes}):
+        others = {name: arm for name, arm in arms.items() if name != axis and name in axes}
+        if axis in arms and _at_reference(o, others):
             rows.setdefault(arms[axis], {})[o.seed] = o
     return rows
 
@@ -211,7 +218,7 @@ def summarise(obs: list[Observation], axes: dict[str, list[str]], confidence: fl
     every interval at `confidence`."""
     out: dict[str, Any] = {}
     for axis in axes:
-        info, rows = get_axis(axis), arm_rows(obs, axes, axis)
+        info, rows = get_axis(axis, axes[axis]), arm_rows(obs, axes, axis)
         per_metric: dict[str, Any] = {}
         for metric, (_, higher) in METRICS.items():
             if metric in TRAINED and info.kind == "sampling":
@@ -256,7 +263,7 @@ def run_noise(by_seed: dict[int, Observation], metric: str) -> float | None:
 
 def training_label(o: Observation) -> str:
     """The training arms an observation's trial moved off the reference, e.g. "pos_emb=none"."""
-    return ",".join(f"{a}={v}" for a, v in o.training.items() if not _same(v, get_axis(a).reference)) or "reference"
+    return ",".join(f"{a}={v}" for a, v in o.training.items() if not _same(v, o.reference(a))) or "reference"
 
 
 def sampling_curves(
@@ -266,7 +273,8 @@ def sampling_curves(
     the other sampling axes at their reference (how, e.g., CFG interacts with each training arm)."""
     values: dict[str, dict[str, list[float]]] = {}
     for o in obs:
-        if metric in o.metrics and _at_reference({a: v for a, v in o.sampling.items() if a != sampling_axis}):
+        others = {a: v for a, v in o.sampling.items() if a != sampling_axis}
+        if metric in o.metrics and _at_reference(o, others):
             values.setdefault(training_label(o), {}).setdefault(o.sampling[sampling_axis], []).append(o.metrics[metric])
     return {
         label: {arm: mean_interval(by_arm[arm]) for arm in axes[sampling_axis] if arm in by_arm}
@@ -306,7 +314,9 @@ def _interval(i: Interval | None, scale: float = 1.0) -> str:
     return f"{scale * i.mean:.4g} [{scale * i.low:.4g}, {scale * i.high:.4g}]"
 
 
-def tables(summary: dict[str, Any], level: str = "95%") -> list[tuple[str, list[str], list[list[str]]]]:
+def tables(
+    summary: dict[str, Any], axes: dict[str, list[str]], level: str = "95%"
+) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) per axis; `level`: the intervals' confidence, as the headers print it."""
     out = []
     for axis, per_metric in summary.items():
@@ -336,7 +346,7 @@ def tables(summary: dict[str, Any], level: str = "95%") -> list[tuple[str, list[
                         cell["verdict"],
                     ]
                 )
-        axis_info = get_axis(axis)
+        axis_info = get_axis(axis, axes[axis])
         out.append(
             (f"{axis} ({axis_info.kind}-time; reference {axis_info.reference}): {axis_info.tests}", header, rows)
         )
@@ -353,7 +363,7 @@ def _difference(cell: dict[str, Any]) -> str:
     return f"{d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]{mark}"
 
 
-def headline(summary: dict[str, Any], level: str = "95%") -> list[str]:
+def headline(summary: dict[str, Any], axes: dict[str, list[str]], level: str = "95%") -> list[str]:
     """One Markdown table of the headline metrics: the reference run's mean (every axis at its reference
     arm: the same trials for every axis), then every other arm's paired difference to it with its 95% CI,
     and the verdict where the interval excludes 0."""
@@ -369,7 +379,9 @@ def headline(summary: dict[str, Any], level: str = "95%") -> list[str]:
     lines.append(f"| reference: mean [{level} CI] | " + " | ".join(_interval(reference.get(m)) for m in metrics) + " |")
     for axis, per_metric in summary.items():
         arms = list(
-            dict.fromkeys(arm for m in metrics for arm in per_metric.get(m, {}) if arm != get_axis(axis).reference)
+            dict.fromkeys(
+                arm for m in metrics for arm in per_metric.get(m, {}) if arm != get_axis(axis, axes[axis]).reference
+            )
         )
         for arm in arms:
             cells = [per_metric.get(m, {}).get(arm) for m in metrics]
@@ -386,7 +398,7 @@ def oracle_agreement(obs: list[Observation]) -> dict[str, Any] | None:
     verdicts over the trials (arms × seeds) at the reference sampling settings, and which CLIPs scored;
     None where the oracle scored nothing. CLIP-based metrics are not ranked across different CLIPs: their
     values are not on one scale."""
-    scored = [o for o in obs if _at_reference(o.sampling) and any(m in o.metrics for m in AGREEMENT)]
+    scored = [o for o in obs if _at_reference(o, o.sampling) and any(m in o.metrics for m in AGREEMENT)]
     if not scored:
         return None
     clips = sorted({o.clip for o in scored if "eval/clip_score" in o.metrics})
@@ -431,6 +443,7 @@ def _rho(a: dict[str, float]) -> str:
 def markdown(
     name: str,
     summary: dict[str, Any],
+    axes: dict[str, list[str]],
     seeds: int,
     agreement: dict[str, Any] | None = None,
     setup: dict | None = None,
@@ -449,27 +462,35 @@ def markdown(
         "is most of the spread, more samples narrow the verdicts more than more seeds.",
         "",
     ]
-    lines += seed_lines(summary, rule)
+    lines += seed_lines(summary, axes, rule)
     if seeds < 3 and rule is None:
         lines += [
             f"**{seeds} seed(s) per arm: too few for confident intervals** (95% t-intervals widen sharply below 3).",
             "",
         ]
     level = level_of(rule)
-    lines += ["## Headline", "", *headline(summary, level), "", *agreement_lines(agreement)]
-    for title, header, rows in tables(summary, level) + ([("Cost: wall seconds by phase", *cost)] if cost else []):
+    lines += ["## Headline", "", *headline(summary, axes, level), "", *agreement_lines(agreement)]
+    for title, header, rows in tables(summary, axes, level) + (
+        [("Cost: wall seconds by phase", *cost)] if cost else []
+    ):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     return "\n".join(lines)
 
 
-def html_page(name: str, summary: dict[str, Any], agreement: dict[str, Any] | None = None, level: str = "95%") -> str:
+def html_page(
+    name: str,
+    summary: dict[str, Any],
+    axes: dict[str, list[str]],
+    agreement: dict[str, Any] | None = None,
+    level: str = "95%",
+) -> str:
     parts = [
         f"<html><head><meta charset='utf-8'><title>Sweep {html.escape(name)}</title></head>"
         f"<body><h1>Sweep {html.escape(name)}</h1>"
     ]
     parts += [f"<p>{html.escape(line).replace('**', '')}</p>" for line in agreement_lines(agreement) if line]
-    for title, header, rows in tables(summary, level):
+    for title, header, rows in tables(summary, axes, level):
         parts.append(
             f"<h2>{html.escape(title)}</h2><table border='1' cellpadding='4'><tr>"
             + "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -526,7 +547,7 @@ def sample_sheet(client, obs: list[Observation], path: Path) -> bool:
     """The sample grid of every trained variant's first seed at the reference sampling settings, side by side."""
     firsts: dict[str, Observation] = {}
     for o in sorted(obs, key=lambda o: o.seed):
-        if o.run_id and _at_reference(o.sampling):
+        if o.run_id and _at_reference(o, o.sampling):
             firsts.setdefault(training_label(o), o)
     panels = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -572,11 +593,10 @@ def level_of(rule: SeedRule | None) -> str:
     return f"{100 * confidence_of(rule):.3g}%"
 
 
-def seed_lines(summary: dict[str, Any], rule: SeedRule | None) -> list[str]:
+def seed_lines(summary: dict[str, Any], axes: dict[str, list[str]], rule: SeedRule | None) -> list[str]:
     """With --seeds auto: the rule, and how many seeds each arm got and why it stopped."""
     if rule is None:
         return []
-    reference_arms = {axis: get_axis(axis).reference for axis in summary}
     lines = [
         f"Seeds by --seeds {rule} (ablations/allocation.py): every arm {rule.min_seeds}, then one more per round "
         f"for the arms still undecided on {', '.join(METRICS[m][0] for m in PRIMARY)}; every interval here is at "
@@ -585,7 +605,7 @@ def seed_lines(summary: dict[str, Any], rule: SeedRule | None) -> list[str]:
         "| arm | seeds | status |",
         "|---|---|---|",
     ]
-    for (axis, arm), status in arm_status(summary, reference_arms, rule).items():
+    for (axis, arm), status in arm_status(summary, references(axes), rule).items():
         lines.append(
             f"| {axis}={arm} | {status.seeds} | {status.why}{' (open: rerun to continue)' if status.open else ''} |"
         )
@@ -603,16 +623,16 @@ def report(name: str, tracking_uri: str | None = None, out: str | Path | None = 
     out = Path(out or Path("outputs/sweeps") / name / "report")
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md", out / "report.html"]
-    text = markdown(name, summary, seeds, agreement, setup, cost_table(obs), sampling_line(obs, axes), rule)
+    text = markdown(name, summary, axes, seeds, agreement, setup, cost_table(obs), sampling_line(obs, axes), rule)
     files[0].write_text(text)
-    files[1].write_text(html_page(name, summary, agreement, level_of(rule)))
+    files[1].write_text(html_page(name, summary, axes, agreement, level_of(rule)))
     for axis, per_metric in summary.items():
         if per_metric:
             plot_axis(axis, per_metric, out / f"{axis}.png")
             files.append(out / f"{axis}.png")
     if sample_sheet(client, obs, out / "samples.png"):
         files.append(out / "samples.png")
-    for axis in (a for a in axes if get_axis(a).kind == "sampling"):
+    for axis in (a for a in axes if get_axis(a, axes[a]).kind == "sampling"):
         if plot_sampling_curves(obs, axes, axis, out / f"{axis}_by_trained_arm.png"):
             files.append(out / f"{axis}_by_trained_arm.png")
     tracker = Tracker(uri, name, name, backlog=out / "tracking_backlog.jsonl")

@@ -3,6 +3,7 @@ Train, then its checkpoint is evaluated at every sampling-time arm without retra
 
     python -m ablations.sweep --preset critical_details [--set k=v ...]
     python -m ablations.sweep --axes pos_emb,cfg_scale --seeds 3 [--config C] [--set k=v ...]
+    python -m ablations.sweep --axis model.width=128,64,256 [--axis flow.shift=...] [--preset P | --axes A]
     ray job submit --working-dir . -- python -m ablations.sweep --preset critical_details
     python -m ablations.sweep --reevaluate NAME [--set eval.clip_model=trained ...]
 
@@ -43,7 +44,7 @@ from mmdit_core.config import load_config
 from mmdit_core.errors import InputError
 
 from .allocation import ArmStatus, SeedRule, arm_status
-from .axes import AXES, get_axis
+from .axes import AXES, get_axis, references
 from .plan import PROJECT_ROOT, SweepPlan, Trial, load_preset, preset_names
 from .report import read_sweep, report, summarise, sweep_parent
 
@@ -70,9 +71,9 @@ def trial_config(plan: SweepPlan, name: str, trial: Trial):
     return load_config(plan.config, [*plan.overrides, *trial.overrides(), f"name={name}"])
 
 
-def trial_of(space: dict[str, Any]) -> Trial:
+def trial_of(plan: SweepPlan, space: dict[str, Any]) -> Trial:
     """The trial of a Tune config (arms come back as lists after Tune stores them)."""
-    return Trial(tuple(tuple(pair) for pair in space["arms"]), space["seed"])
+    return plan.trial(tuple(tuple(pair) for pair in space["arms"]), space["seed"])
 
 
 def evaluate_arms(
@@ -88,7 +89,7 @@ def evaluate_arms(
     reports: list[dict[str, Any]] = []
 
     def record(axis: str, arm: str, metrics: dict[str, float]):
-        prefix = "eval" if arm == get_axis(axis).reference else f"eval_{axis}_{arm}"
+        prefix = "eval" if arm == plan.axis(axis).reference else f"eval_{axis}_{arm}"
         results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
 
     def points(overrides: list[str], grid: dict[str, list[Any]] | None = None) -> list[dict[str, Any]]:
@@ -109,10 +110,10 @@ def evaluate_arms(
         return field if axis.field.startswith("sample.") and field in GRID else None
 
     sampling = plan.of_kind("sampling")
-    if not any(grid_field(get_axis(name)) for name in sampling):
+    if not any(grid_field(plan.axis(name)) for name in sampling):
         results.update({f"eval/{k}": v for k, v in points(reference)[0]["metrics"].items()})
     for name, arms in sampling.items():
-        axis = get_axis(name)
+        axis = plan.axis(name)
         if field := grid_field(axis):  # each such grid holds the reference point: scored again, with the same noise
             for arm, point in zip(arms, points(reference, {field: [GRID[field].parse(a) for a in arms]})):
                 record(name, arm, point["metrics"])
@@ -143,7 +144,8 @@ def run_trial(config: dict[str, Any]) -> None:
         sweep["cwd"]
     ).is_dir():  # Tune starts a trial in its own directory; config paths are relative to the sweep's
         os.chdir(sweep["cwd"])
-    plan, trial = SweepPlan(**sweep["plan"]), trial_of(config["trial"])
+    plan = SweepPlan(**sweep["plan"])
+    trial = trial_of(plan, config["trial"])
     cfg = trial_config(plan, sweep["name"], trial)
     tags = {
         "mlflow.parentRunId": sweep["parent_run_id"],
@@ -173,7 +175,7 @@ def fit_round(sweep: dict[str, Any], trials: list[Trial], storage: Path, name: s
     # The trial process only waits on Ray Train, then evaluates: the training workers hold the CPUs. Ray
     # refuses an empty request, so the trial asks for a token of memory instead of a CPU.
     trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": 2**20})
-    path = str(storage / name)
+    path, plan = str(storage / name), SweepPlan(**sweep["plan"])
     if tune.Tuner.can_restore(path):
         print(f"continuing sweep {name}: finished trials are kept, unfinished and failed ones run again")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True)
@@ -185,7 +187,7 @@ def fit_round(sweep: dict[str, Any], trials: list[Trial], storage: Path, name: s
             run_config=tune.RunConfig(name=name, storage_path=str(storage)),
         )
     return {
-        trial_of(r.config["trial"]).name: f"FAILED: {str(r.error).splitlines()[0]}" if r.error else "FINISHED"
+        trial_of(plan, r.config["trial"]).name: f"FAILED: {str(r.error).splitlines()[0]}" if r.error else "FINISHED"
         for r in tuner.fit()
     }
 
@@ -196,7 +198,7 @@ def arm_statuses(name: str, uri: str, rule: SeedRule, seeds: int) -> dict[tuple[
 
     axes, _, _, obs = read_sweep(MlflowClient(uri), name, uri)
     obs = [o for o in obs if o.seed < seeds]
-    status = arm_status(summarise(obs, axes, rule.confidence), {axis: get_axis(axis).reference for axis in axes}, rule)
+    status = arm_status(summarise(obs, axes, rule.confidence), references(axes), rule)
     for (axis, arm), s in status.items():
         print(f"  {axis}={arm}: {s.why}")
     return status
@@ -281,7 +283,7 @@ def run(
                     variants = variants_to_seed(plan, arm_statuses(name, uri, rule, seed))
                     if not variants:
                         break
-                    more = [Trial(combo, seed) for combo in variants]
+                    more = [plan.trial(combo, seed) for combo in variants]
                     outcome |= fit_round(sweep, more, Path(storage).resolve(), f"{name}-seed{seed}", concurrent)
         failed = sum(v != "FINISHED" for v in outcome.values())
         parent.set_tags({"trials_failed": str(failed), "trials": str(len(outcome))})
@@ -366,13 +368,49 @@ def parse_seeds(text: str) -> tuple[int, int | None]:
     return SeedRule(low, high).min_seeds, high  # a bad range is named by SeedRule
 
 
+def field_axes(specs: list[str], chosen: list[str]) -> dict[str, tuple[str, ...]]:
+    """--axis FIELD=V1,V2,... -> {FIELD: values, the reference first}: the first value given, or the one
+    --reference FIELD=V names."""
+    references = dict(r.partition("=")[::2] for r in chosen)
+    axes = {}
+    for spec in specs:
+        field, _, values = spec.partition("=")
+        arms = tuple(v.strip() for v in values.split(",") if v.strip())
+        if not field or not arms:
+            raise InputError(f"--axis {spec!r}: expected FIELD=V1,V2,... (e.g. model.width=128,64,256)")
+        if field in references:
+            reference = references.pop(field)
+            if reference not in arms:
+                raise InputError(f"--reference {field}={reference}: not one of its values {','.join(arms)}")
+            arms = (reference, *(a for a in arms if a != reference))
+        axes[field] = arms
+    if references:
+        raise InputError(f"--reference {', '.join(references)}: no --axis on that field")
+    return axes
+
+
+def check_arms(plan: SweepPlan) -> None:
+    """Every trial's and every sampling arm's config resolved: an unknown field or a bad value is named
+    before anything starts."""
+    for trial in plan.trials():
+        load_config(plan.config, [*plan.overrides, *trial.overrides()])
+    for name, arms in plan.of_kind("sampling").items():
+        for arm in arms:
+            load_config(plan.config, [*plan.overrides, *plan.sampling_overrides(name, arm)])
+
+
 def plan_from_args(args: argparse.Namespace) -> SweepPlan:
+    extra = field_axes(args.axis, args.reference)
     if args.preset:
         plan = load_preset(args.preset)
         seeds, max_seeds = parse_seeds(args.seeds) if args.seeds else (plan.seeds, plan.max_seeds)
         overrides = (*plan.overrides, *args.overrides)
-        return SweepPlan(**{**plan.__dict__, "overrides": overrides, "seeds": seeds, "max_seeds": max_seeds})
-    axes = {name: get_axis(name).arms for name in args.axes.split(",")}
+        axes = {**plan.axes, **extra}
+        return SweepPlan(
+            **{**plan.__dict__, "axes": axes, "overrides": overrides, "seeds": seeds, "max_seeds": max_seeds}
+        )
+    axes = {name: get_axis(name).arms for name in args.axes.split(",")} if args.axes else {}
+    axes |= extra
     seeds, max_seeds = parse_seeds(args.seeds) if args.seeds else (1, None)
     return SweepPlan(
         name="_".join(axes),
@@ -386,11 +424,26 @@ def plan_from_args(args: argparse.Namespace) -> SweepPlan:
 
 def main(argv=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group(required=True)
+    which = parser.add_mutually_exclusive_group()
     which.add_argument("--preset", help=f"a preset in ablations/presets: {', '.join(preset_names())}")
     which.add_argument("--axes", help=f"comma-separated axes, all arms each: {', '.join(AXES)}")
     which.add_argument(
         "--reevaluate", metavar="NAME", help="evaluate an existing sweep's checkpoints again (no training)"
+    )
+    parser.add_argument(
+        "--axis",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
+        help="an axis on any config field, at these values, the first the reference (repeatable; alone or with "
+        "--preset/--axes); sampling-time for the sampling fields eval.evaluator.GRID varies, else training-time",
+    )
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="FIELD=V",
+        help="the reference value of an --axis (default: its first value)",
     )
     parser.add_argument(
         "--config", default=str(PROJECT_ROOT / "experiments/configs/demo.yaml"), help="base config (with --axes)"
@@ -405,6 +458,10 @@ def main(argv=None) -> dict[str, Any]:
     add_tracking_uri(parser)
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     args = parser.parse_args(argv)
+    if not (args.preset or args.axes or args.axis or args.reevaluate):
+        parser.error("one of --preset, --axes, --axis or --reevaluate is required")
+    if args.reevaluate and args.axis:
+        parser.error("--axis defines a sweep; --reevaluate reads an existing one")
     if args.reevaluate:
         result = reevaluate(args.reevaluate, args.tracking_uri, tuple(args.overrides))
         written = report(args.reevaluate, args.tracking_uri)
@@ -413,6 +470,7 @@ def main(argv=None) -> dict[str, Any]:
     try:
         plan = plan_from_args(args)
         load_config(plan.config, list(plan.overrides))  # refuse a bad --set at once
+        check_arms(plan)
     except KeyError as exc:  # an unknown axis or arm (InputErrors reach run_command as they are)
         raise InputError(exc.args[0]) from None
     result = run(plan, tracking_uri=args.tracking_uri, address=args.address)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from ablations.axes import AXES
-from ablations.plan import PRESETS, SweepPlan, Trial, load_preset
+from ablations.axes import AXES, get_axis
+from ablations.plan import PRESETS, SweepPlan, load_preset
 from mmdit_core.config import load_config
 
 
@@ -28,8 +28,8 @@ def test_critical_details_trains_each_arm_once_per_seed_and_samples_the_rest():
     assert plan.of_kind("sampling") == {"cfg_scale": ("1.0", "2.0", "4.0", "7.0")}
     assert plan.sampling_overrides("cfg_scale", "4.0") == ["sample.cfg_scale=4.0"]
     assert plan.sampling_overrides("reference", "reference") == ["sample.cfg_scale=1.0"]
-    assert Trial((("pos_emb", "none"),), 2).overrides() == ["model.pos_emb=none", "train.seed=2"]
-    assert Trial((("pos_emb", "none"), ("sdpa_layout", "heads_first")), 2).name == "pos_emb=none-s2"
+    assert plan.trial((("pos_emb", "none"),), 2).overrides() == ["model.pos_emb=none", "train.seed=2"]
+    assert plan.trial((("pos_emb", "none"), ("sdpa_layout", "heads_first")), 2).name == "pos_emb=none-s2"
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in PRESETS.glob("*.yaml")))
@@ -66,3 +66,29 @@ def test_product_combines_every_arm_and_bad_plans_are_named():
         SweepPlan("p", "c.yaml", {"pos_emb": ("learned", "alibi")}, seeds=1)
     with pytest.raises(FileNotFoundError, match="presets: architecture, bugs, critical_details"):
         load_preset("critical")
+
+
+def test_any_config_field_is_an_axis_its_first_value_the_reference():
+    plan = SweepPlan(
+        "p", "unused.yaml", {"model.width": ("128", "64", "256"), "sample.cfg_scale": ("2.0", "4.0")}, seeds=2
+    )
+    assert plan.axis("model.width").kind == "training" and plan.axis("sample.cfg_scale").kind == "sampling"
+    assert [t.name for t in plan.trials()] == [
+        "reference-s0",
+        "reference-s1",
+        "model.width=64-s0",
+        "model.width=64-s1",
+        "model.width=256-s0",
+        "model.width=256-s1",
+    ]
+    assert plan.trials()[2].overrides() == ["model.width=64", "train.seed=0"]
+    assert plan.sampling_overrides("reference", "reference") == ["sample.cfg_scale=2.0"]
+    assert get_axis("flow.shift", ("3.0", "1.0")).reference == "3.0"
+    assert get_axis("model.sdpa_layout", ("heads_first", "seq_first")).kind == "training"
+    assert get_axis("eval.weights", ("ema", "model")).kind == "training"  # not a field GRID samples with
+    with pytest.raises(KeyError, match="two or more different values"):
+        get_axis("model.width", ("128",))
+    with pytest.raises(ValueError, match="more than one axis sets model.pos_emb"):
+        SweepPlan("p", "c.yaml", {"pos_emb": ("learned", "none"), "model.pos_emb": ("rope2d", "learned")}, seeds=1)
+    with pytest.raises(KeyError, match="or any config field"):
+        get_axis("width")

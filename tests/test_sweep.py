@@ -22,7 +22,7 @@ from mmdit_core.errors import InputError
 TINY = Path(__file__).parent / "tiny_train.yaml"
 
 
-def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_ray):
+def test_smoke_sweep_on_a_field_axis_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_ray):
     overrides = (
         f"data.root={tmp_path / 'scenes'}",
         f"text.cache_dir={tmp_path / 'text'}",
@@ -39,34 +39,34 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
     plan = SweepPlan(
         "smoke",
         str(TINY),
-        {"sdpa_layout": ("heads_first", "seq_first"), "cfg_scale": ("1.0", "2.0")},
+        {"model.sdpa_layout": ("heads_first", "seq_first"), "cfg_scale": ("1.0", "2.0")},  # a field axis,
         seeds=1,
         overrides=overrides,
     )
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     storage = str(tmp_path / "sweeps")
     crashed = sweep.run(
-        plan, tracking_uri=uri, storage=storage, faults={"sdpa_layout=seq_first-s0": Faults(kill_at_step=3)}
+        plan, tracking_uri=uri, storage=storage, faults={"model.sdpa_layout=seq_first-s0": Faults(kill_at_step=3)}
     )
     assert crashed["failed"] == 1 and crashed["trials"]["reference-s0"] == "FINISHED"
-    assert crashed["trials"]["sdpa_layout=seq_first-s0"].startswith("FAILED")
+    assert crashed["trials"]["model.sdpa_layout=seq_first-s0"].startswith("FAILED")
     result = sweep.run(plan, tracking_uri=uri, storage=storage)  # the same command again: only the failed trial runs
     assert result["sweep"] == crashed["sweep"] and result["failed"] == 0
-    assert set(result["trials"]) == {"reference-s0", "sdpa_layout=seq_first-s0"}
+    assert set(result["trials"]) == {"reference-s0", "model.sdpa_layout=seq_first-s0"}
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(result["sweep"]).experiment_id
     (parent,) = client.search_runs([experiment], f"tags.`{RUN_KEY_TAG}` = '{result['sweep']}'")
     trials = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.data.tags["trial"] for r in trials) == ["reference-s0", "sdpa_layout=seq_first-s0"]
+    assert sorted(r.data.tags["trial"] for r in trials) == ["model.sdpa_layout=seq_first-s0", "reference-s0"]
     for run in trials:  # trained once, evaluated at both CFG scales
-        assert run.info.status == "FINISHED" and run.data.tags["arm.sdpa_layout"] in ("heads_first", "seq_first")
+        assert run.info.status == "FINISHED" and run.data.tags["arm.model.sdpa_layout"] in ("heads_first", "seq_first")
         evals = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
         assert sorted(r.data.tags["cfg_scale"] for r in evals) == ["1", "2"]
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 1  # trained once, never twice
         assert {"eval/fid", "eval/adherence_position", "eval_cfg_scale_2.0/fid"} <= set(run.data.metrics)
     assert len(list((tmp_path / "runs").iterdir())) == 2  # one training run directory per trial
-    resumed = next(run for run in trials if run.data.tags["trial"] == "sdpa_layout=seq_first-s0")
+    resumed = next(run for run in trials if run.data.tags["trial"] == "model.sdpa_layout=seq_first-s0")
     attempts = [
         json.loads(line)
         for line in (tmp_path / "runs" / resumed.data.tags[RUN_KEY_TAG] / "attempts.jsonl").read_text().splitlines()
@@ -82,7 +82,7 @@ def test_smoke_sweep_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_
     text = (tmp_path / "report" / "report.md").read_text()
     for arm in ("heads_first", "seq_first", "| 1.0 |", "| 2.0 |"):
         assert arm in text, arm
-    assert "too few for confident intervals" in text and (tmp_path / "report" / "sdpa_layout.png").is_file()
+    assert "too few for confident intervals" in text and (tmp_path / "report" / "model.sdpa_layout.png").is_file()
     assert (tmp_path / "report" / "cfg_scale_by_trained_arm.png").is_file()
     assert written["summary"]["cfg_scale"]["eval/fid"]["2.0"]["mean"].n == 1
     assert written["agreement"] == {"clips": [], "ranks": {}}  # no CLIP scored; 2 trials: too few to rank
@@ -155,7 +155,7 @@ def test_report_summary_reads_each_axis_against_its_reference_with_intervals(tmp
     assert summary["cfg_scale"]["eval/adherence_position"]["4.0"]["diff"].mean > 0
     assert summary["cfg_scale"]["eval/adherence_position"]["4.0"]["verdict"] == "better"
     assert summary["pos_emb"]["eval/fid"]["learned"]["verdict"] == "reference"
-    text = report.markdown("s", summary, seeds=3)
+    text = report.markdown("s", summary, axes, seeds=3)
     assert "| position adherence | none | 3 |" in text and "too few" not in text
     assert "| pos_emb=none: difference | +30 [+30, +30] (worse) |" in text  # headline: FID 80+s vs 50+s
 
@@ -175,7 +175,7 @@ def test_val_losses_of_arms_that_train_on_different_losses_are_not_compared():
     image = summary["loss_space"]["val/loss"]["image"]
     assert image["verdict"] == report.NOT_COMPARABLE and image["diff"] is None and image["mean"].n == 3
     assert summary["loss_space"]["eval/fid"]["image"]["verdict"] == "worse"  # the samples still are
-    assert f"| {report.NOT_COMPARABLE} |" in report.markdown("s", summary, seeds=3)
+    assert f"| {report.NOT_COMPARABLE} |" in report.markdown("s", summary, {"loss_space": ["latent", "image"]}, seeds=3)
 
 
 def test_the_report_ranks_the_sample_metrics_against_the_oracle_and_names_the_clips():
@@ -191,8 +191,9 @@ def test_the_report_ranks_the_sample_metrics_against_the_oracle_and_names_the_cl
     assert agreement["clips"] == ["CLIP A"] and "eval/adherence_whole_shape" not in agreement["ranks"]
     assert ranks["eval/clip_score"]["n"] == 6 and ranks["eval/clip_score"]["rho"] == pytest.approx(1.0)
     assert ranks["eval/cmmd"]["rho"] == pytest.approx(-1.0) and "eval/kid" not in ranks  # no KID logged
-    summary = report.summarise(observations, {"pos_emb": ["learned", "none"], "cfg_scale": ["1.0", "7.0"]})
-    text = report.markdown("s", summary, 3, agreement)
+    axes = {"pos_emb": ["learned", "none"], "cfg_scale": ["1.0", "7.0"]}
+    summary = report.summarise(observations, axes)
+    text = report.markdown("s", summary, axes, 3, agreement)
     assert "CLIP score and CMMD by: CLIP A." in text
     assert "Spearman ρ with whole-caption adherence over the 6 trials" in text
     assert "CLIP score +1.00" in text and "CMMD ×10³ -1.00" in text
@@ -214,7 +215,7 @@ def test_the_report_never_differences_fids_of_different_setups():
         return report.Observation({"pos_emb": "learned"}, {}, seed, {"eval/fid": 50.0}, setup=setup)
 
     assert report.common_setup("s", [obs(s, "bf16") for s in range(3)]) == {"num_samples": "128", "precision": "bf16"}
-    header = report.markdown("s", {}, 3, setup={"num_samples": "128", "precision": "bf16"})
+    header = report.markdown("s", {}, {}, 3, setup={"num_samples": "128", "precision": "bf16"})
     assert "Every FID, KID and CMMD here: num_samples 128, precision bf16." in header
     with pytest.raises(InputError) as refused:
         report.common_setup("s", [obs(0, "fp32"), obs(1, "bf16"), obs(2, "bf16")])
@@ -284,6 +285,25 @@ def test_sampling_arms_of_one_grid_axis_share_one_evaluation(monkeypatch):
     assert calls == [((), None, None, None)]  # no sampling axis: one evaluation at the config's own settings
 
 
+def test_axis_flags_put_the_reference_first_and_bad_fields_or_values_are_named_before_anything_starts():
+    assert sweep.field_axes(["model.width=128,64", "flow.shift=1.0,3.0"], ["flow.shift=3.0"]) == {
+        "model.width": ("128", "64"),
+        "flow.shift": ("3.0", "1.0"),
+    }
+    for specs, chosen, message in (
+        (["model.width"], [], "expected FIELD=V1,V2"),
+        (["model.width=64,128"], ["model.width=32"], "not one of its values 64,128"),
+        (["model.width=64,128"], ["flow.shift=1.0"], "--reference flow.shift: no --axis"),
+    ):
+        with pytest.raises(InputError, match=message):
+            sweep.field_axes(specs, chosen)
+    for axis, message in (("model.widht=64,128", "model.widht: unknown key"), ("model.width=64,wide", "valid integer")):
+        with pytest.raises(InputError, match=message):
+            sweep.main(["--axis", axis, "--config", str(TINY)])
+    with pytest.raises(InputError, match="sample.cfg_scale: Input should be a valid number"):  # a sampling arm too
+        sweep.main(["--preset", "critical_details", "--axis", "sample.cfg_scale=1.0,lots"])
+
+
 def test_seeds_auto_gives_another_seed_only_to_arms_still_undecided():
     rule = SeedRule(2, 6)
     assert rule.looks == 5 and rule.confidence == pytest.approx(0.99)  # 95% split over the 5 looks
@@ -313,7 +333,7 @@ def test_seeds_auto_gives_another_seed_only_to_arms_still_undecided():
     assert sweep.variants_to_seed(plan, {("pos_emb", "none"): status[("pos_emb", "none")]}) == []
     capped = allocation.arm_status(summary, {"sdpa_layout": "heads_first", "pos_emb": "learned"}, SeedRule(2, 3))
     assert capped[("sdpa_layout", "seq_first")].why == "undecided at the maximum of 3 seeds on eval/fid"
-    text = report.markdown("p", summary, 2, rule=rule)
+    text = report.markdown("p", summary, axes, 2, rule=rule)
     assert "Seeds by --seeds auto:2-6" in text and "| sdpa_layout=seq_first | 3 | undecided at 3 seeds" in text
     assert "mean [99% CI]" in text and "too few for confident intervals" not in text
     with pytest.raises(InputError, match="one axis at a time"):
