@@ -300,8 +300,10 @@ def test_axis_flags_put_the_reference_first_and_bad_fields_or_values_are_named_b
     for axis, message in (("model.widht=64,128", "model.widht: unknown key"), ("model.width=64,wide", "valid integer")):
         with pytest.raises(InputError, match=message):
             sweep.main(["--axis", axis, "--config", str(TINY)])
-    with pytest.raises(InputError, match="sample.cfg_scale: Input should be a valid number"):  # a sampling arm too
-        sweep.main(["--preset", "critical_details", "--axis", "sample.cfg_scale=1.0,lots"])
+    with pytest.raises(InputError, match="sample.steps: Input should be a valid integer"):  # a sampling arm too
+        sweep.main(["--preset", "critical_details", "--axis", "sample.steps=8,lots"])
+    with pytest.raises(InputError, match="more than one axis sets sample.cfg_scale"):
+        sweep.main(["--preset", "critical_details", "--axis", "sample.cfg_scale=1.0,3.0"])
 
 
 def test_seeds_auto_gives_another_seed_only_to_arms_still_undecided():
