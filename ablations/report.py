@@ -94,10 +94,7 @@ class Observation:
     setup: dict[str, str] = field(default_factory=dict)  # its FID setup (eval runs' setup.* params)
     sampling_params: dict[str, str] = field(default_factory=dict)  # its SAMPLING_PARAMS
     seconds: dict[str, float] = field(default_factory=dict)  # its trial's training phases, its evaluation's phases
-    references: dict[str, str] = field(default_factory=dict)  # its sweep's axes -> reference arm (named: optional)
-
-    def reference(self, axis: str) -> str:
-        return self.references[axis] if axis in self.references else get_axis(axis).reference
+    references: dict[str, str] = field(default_factory=dict)  # its sweep's axes -> reference arm
 
 
 def _same(a: str, b: str) -> bool:
@@ -109,7 +106,7 @@ def _same(a: str, b: str) -> bool:
 
 def _at_reference(o: Observation, arms: dict[str, str]) -> bool:
     """Every axis in `arms` (axis -> arm) at the reference arm of `o`'s sweep."""
-    return all(_same(arm, o.reference(axis)) for axis, arm in arms.items())
+    return all(_same(arm, o.references[axis]) for axis, arm in arms.items())
 
 
 def observations(
@@ -263,7 +260,7 @@ def run_noise(by_seed: dict[int, Observation], metric: str) -> float | None:
 
 def training_label(o: Observation) -> str:
     """The training arms an observation's trial moved off the reference, e.g. "pos_emb=none"."""
-    return ",".join(f"{a}={v}" for a, v in o.training.items() if not _same(v, o.reference(a))) or "reference"
+    return ",".join(f"{a}={v}" for a, v in o.training.items() if not _same(v, o.references[a])) or "reference"
 
 
 def sampling_curves(

@@ -295,9 +295,29 @@ def run(
         status, error = ("KILLED", "SIGTERM") if was_killed(exc) else ("FAILED", f"{type(exc).__name__}: {exc}")
         raise
     finally:
+        end_open_trials(uri, parent_id, status)
         parent.set_status(status, error)
         print(parent.close().summary())
     return {"sweep": name, "mlflow_parent_run_id": parent_id, "trials": outcome, "failed": failed}
+
+
+def end_open_trials(uri: str, parent_id: str, status: str) -> None:
+    """End the sweep's trial runs still RUNNING as the driver leaves. A trial ends its own run, unless its
+    process dies first: with the driver (SIGTERM) or with a lost Ray worker. Such a run gets the sweep's
+    status if that is KILLED, else FAILED, and says why; a rerun of the sweep reopens it like any other."""
+    try:
+        client = MlflowClient(uri)
+        experiment = client.get_run(parent_id).info.experiment_id
+        query = f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
+        open_runs = client.search_runs([experiment], query)
+        for run in open_runs:
+            client.set_tag(run.info.run_id, "error", f"its trial process ended before this run (sweep {status})")
+            client.set_terminated(run.info.run_id, "KILLED" if status == "KILLED" else "FAILED")
+    except Exception as exc:  # MLflow down: the parent's backlog keeps its own status; these stay as they are
+        print(f"could not end the sweep's open trial runs at {uri}: {type(exc).__name__}: {exc}")
+        return
+    if open_runs:
+        print(f"ended {len(open_runs)} trial runs left RUNNING: {', '.join(r.info.run_name for r in open_runs)}")
 
 
 def reevaluate(name: str, tracking_uri: str | None = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:

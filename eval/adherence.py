@@ -207,6 +207,10 @@ def judge_scene(image, scene: Scene) -> list[ObjectVerdict]:
     return [judge_object(labels, obj, tuple(o for o in scene.objects if o is not obj)) for obj in scene.objects]
 
 
+FRACTIONS = ("colour", "position", "shape", "whole", "whole_shape", "binding")  # Adherence's accuracies
+HEADLINE = FRACTIONS[:4]  # what a one-line summary shows
+
+
 @dataclass
 class Adherence:
     """Per-object accuracies and whole-caption accuracies (fractions in [0, 1])."""
@@ -229,8 +233,9 @@ class Adherence:
             + f"[{self.objects} objects, {self.images} images]"
         )
 
-    def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "verdicts"}
+    def fractions(self) -> dict[str, float]:
+        """The accuracies measured (binding only where a caption has two objects), by field name."""
+        return {k: getattr(self, k) for k in FRACTIONS if getattr(self, k) is not None}
 
 
 def score_batch(images, scenes: list[Scene]) -> Adherence:

@@ -45,7 +45,7 @@ from mmdit_core.text import TextEncoder
 from mmdit_core.timing import Phases
 from mmdit_core.trainer import validation_loss
 
-from .adherence import score_batch
+from .adherence import HEADLINE, score_batch
 from .clip_score import load_clip_score
 from .fid import (
     PROTOCOL,
@@ -62,7 +62,6 @@ from .figures import eval_curves, sample_grid
 from .mmd import CMMD_SCALE, CMMD_SIGMA, gaussian_kernel, mmd_jackknife, polynomial_kernel
 from .stats import JACKKNIFE_SEED, jackknife_interval
 
-ADHERENCE = ("colour", "position", "shape", "whole", "whole_shape", "binding")
 GRID_IMAGES = 16
 
 
@@ -152,7 +151,8 @@ class Evaluator:
         self.captions = (captions * repeats)[:num_samples]
         self.scenes, adherence_notice = scenes_for(cfg, (attributes * repeats)[:num_samples])
         # the oracle on the real held-out images at this resolution: the ceiling a model's adherence is read against
-        self.oracle = score_batch(pixels, self.scenes[: len(pixels)]).as_dict() if self.scenes is not None else None
+        real = score_batch(pixels, self.scenes[: len(pixels)]) if self.scenes is not None else None
+        self.oracle = {**real.fractions(), "objects": real.objects, "images": real.images} if real else None
         self.cond, self.null = encoder.encode(self.captions), encoder.null()
         self.side = cfg.eval.image_size or cfg.data.image_size  # another side than the data's: resolution transfer
         latent_shape = autoencoder.encode(torch.zeros(1, 3, self.side, self.side, device=self.device)).shape[1:]
@@ -275,8 +275,8 @@ class Evaluator:
         metrics |= {"num_samples": float(self.num_samples), "sample_img_per_s": img_per_s}
         if self.scenes is not None:
             with phases("oracle"):
-                adherence = score_batch(images, self.scenes).as_dict()
-            metrics.update({f"adherence_{k}": adherence[k] for k in ADHERENCE if adherence[k] is not None})
+                adherence = score_batch(images, self.scenes).fractions()
+            metrics.update({f"adherence_{k}": v for k, v in adherence.items()})
         chw = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
         if self.clip is not None:
             with phases("clip"):
@@ -356,11 +356,7 @@ def markdown(report: dict[str, Any]) -> str:
         row = [f"{point[field]:g}" if isinstance(point[field], float) else str(point[field]) for field in GRID]
         row += [_with_interval(m, "fid"), _with_interval(m, "kid", 1e3)]
         row += [_with_interval(m, "cmmd")] if has_clip else []
-        row += (
-            [f"{100 * m[f'adherence_{k}']:.1f}%" for k in ("colour", "position", "shape", "whole")]
-            if has_adherence
-            else []
-        )
+        row += [f"{100 * m[f'adherence_{k}']:.1f}%" for k in HEADLINE] if has_adherence else []
         row += [f"{m['clip_score']:.2f}"] if has_clip else []
         row += [f"{m['sample_img_per_s']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
@@ -371,7 +367,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             "",
             f"The oracle on {oracle['images']} real held-out images at this resolution (its ceiling): "
-            + ", ".join(f"{k} {100 * oracle[k]:.1f}%" for k in ("colour", "position", "shape", "whole")),
+            + ", ".join(f"{k} {100 * oracle[k]:.1f}%" for k in HEADLINE),
         ]
     val = report["val_loss_by_t"]
     lines += [

@@ -39,11 +39,17 @@ CLUSTER_ENV = {
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
-def quiet_placement_group_cleaner() -> None:
-    """Run in every Ray worker that start_ray starts. Ray Train's placement-group cleaner asks the
-    dashboard's state API whether the controller is alive; without a dashboard it warns about every
-    failed query, about once a second. (It lives here because workers import it: this module is light.)"""
+def ray_worker_setup() -> None:
+    """Run in every Ray worker that start_ray starts, for Ray Train's placement-group cleaner, which asks
+    the dashboard's state API whether the controller is alive. Without a dashboard it warns about every
+    failed query, about once a second: silenced. And the state API finds its cluster by discovery: with
+    another Ray instance on the machine (a test's, a second sweep's) it can ask that one, which knows no
+    such controller, and the cleaner then removes a live trial's placement group. RAY_ADDRESS pins it to
+    this worker's own cluster. (It lives here because workers import it: this module is light.)"""
+    import ray
+
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def start_ray(address: str | None, **local) -> None:
@@ -61,7 +67,7 @@ def start_ray(address: str | None, **local) -> None:
         ray.init(
             address="local",
             include_dashboard=False,
-            runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner},
+            runtime_env={"worker_process_setup_hook": ray_worker_setup},
             **local,
         )
 

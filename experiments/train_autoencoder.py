@@ -24,7 +24,7 @@ from PIL import Image
 from torchmetrics.image import PeakSignalNoiseRatio
 from tqdm import tqdm
 
-from eval.adherence import score_batch
+from eval.adherence import HEADLINE, score_batch
 from eval.evaluator import scenes_for
 from mmdit_core.autoencoder import Autoencoder, build_vae, latent_stats, vae_loss
 from mmdit_core.config import ExperimentConfig, flatten
@@ -49,7 +49,6 @@ STAGE = Stage(
 )
 LOG_EVERY = 50  # training steps between logged losses
 FIDELITY_IMAGES = 1024  # val images the fidelity is measured on (all of a smaller split)
-ORACLE_FIELDS = ("colour", "position", "shape", "whole", "whole_shape")
 
 
 def side_by_side(originals: torch.Tensor, recons: torch.Tensor, scale: int = 4) -> Image.Image:
@@ -115,8 +114,7 @@ def fidelity(cfg: ExperimentConfig, autoencoder: Autoencoder) -> tuple[dict[str,
         result["notice"] = notice
     else:
         for name, images in (("reconstructions", recons), ("real_images", pixels)):
-            oracle = score_batch(images, scenes).as_dict()
-            result[name] = {k: oracle[k] for k in ORACLE_FIELDS}
+            result[name] = score_batch(images, scenes).fractions()
     return result, side_by_side(pixels[:12], recons[:12])
 
 
@@ -127,9 +125,9 @@ def describe(summary: dict[str, Any]) -> str:
         r, c = f["reconstructions"], f["real_images"]
         text += (
             "; oracle on reconstructions "
-            + " / ".join(f"{k} {100 * r[k]:.1f}%" for k in ORACLE_FIELDS[:4])
+            + " / ".join(f"{k} {100 * r[k]:.1f}%" for k in HEADLINE)
             + " (real images: "
-            + " / ".join(f"{100 * c[k]:.1f}%" for k in ORACLE_FIELDS[:4])
+            + " / ".join(f"{100 * c[k]:.1f}%" for k in HEADLINE)
             + ")"
         )
     return text

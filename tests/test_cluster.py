@@ -106,6 +106,18 @@ def test_cluster_yaml_matches_rays_schema():
     )
 
 
+# Started beside another cluster: its node count, its GCS address, and the cluster a worker's state API
+# (Ray Train's placement-group cleaner asks it whether a controller lives) resolves, as Ray resolves it.
+ALONE = """
+import os, ray
+from ray._private.services import canonicalize_bootstrap_address_or_die
+from experiments.cluster import start_ray
+start_ray(None, num_cpus=1)
+found = ray.get(ray.remote(lambda: canonicalize_bootstrap_address_or_die(os.environ.get("RAY_ADDRESS"))).remote())
+print(len(ray.nodes()), ray.get_runtime_context().gcs_address, found)
+"""
+
+
 @pytest.fixture
 def two_nodes():
     """A head and one more node on this machine (ray.cluster_utils.Cluster), this process connected."""
@@ -132,11 +144,10 @@ def test_a_local_storage_path_on_two_nodes_is_refused_before_training(two_nodes,
     cluster.check_storage("s3://bucket/runs", shared=False)  # a URI: every node writes there itself
     cluster.check_storage(str(tmp_path / "runs"), shared=True)  # declared, and both nodes see this machine's disk
     assert not any((tmp_path / "runs").iterdir())  # the marker is gone
-    alone = (
-        "from experiments.cluster import start_ray; import ray; start_ray(None, num_cpus=1); print(len(ray.nodes()))"
-    )
-    started = subprocess.run([sys.executable, "-c", alone], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert started.stdout.split()[-1] == "1", started.stderr[-2000:]  # a local start joins no cluster left running
+    started = subprocess.run([sys.executable, "-c", ALONE], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    nodes, own, found_by_workers = started.stdout.split()[-3:]
+    assert nodes == "1", started.stderr[-2000:]  # a local start joins no cluster left running
+    assert found_by_workers == own != two_nodes.address  # what the state API in its workers finds is its own
 
     from experiments import train
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from ablations import allocation, report, sweep
 from ablations.allocation import SeedRule
+from ablations.axes import get_axis
 from ablations.plan import SweepPlan
 from experiments import prepare_data, train_clip
 from experiments.rank_loop import Faults
@@ -20,6 +21,12 @@ from mmdit_core.config import load_config
 from mmdit_core.errors import InputError
 
 TINY = Path(__file__).parent / "tiny_train.yaml"
+
+
+def observation(arms, sampling, seed, metrics, **fields) -> report.Observation:
+    """An Observation as a sweep of these named axes reads it: each axis's reference is its own."""
+    references = {axis: get_axis(axis).reference for axis in (*arms, *sampling)}
+    return report.Observation(arms, sampling, seed, metrics, references=references, **fields)
 
 
 def test_smoke_sweep_on_a_field_axis_survives_a_failed_trial_and_nests_its_runs(tmp_path, local_ray):
@@ -139,7 +146,7 @@ def test_smoke_sweep_on_a_field_axis_survives_a_failed_trial_and_nests_its_runs(
 
 def test_report_summary_reads_each_axis_against_its_reference_with_intervals(tmp_path):
     def obs(pos_emb, cfg_scale, seed, position, fid):
-        return report.Observation(
+        return observation(
             {"pos_emb": pos_emb}, {"cfg_scale": cfg_scale}, seed, {"eval/adherence_position": position, "eval/fid": fid}
         )
 
@@ -167,7 +174,7 @@ def test_report_summary_reads_each_axis_against_its_reference_with_intervals(tmp
 
 def test_val_losses_of_arms_that_train_on_different_losses_are_not_compared():
     observations = [
-        report.Observation({"loss_space": space}, {}, s, {"val/loss": loss + 0.01 * s, "eval/fid": fid + s})
+        observation({"loss_space": space}, {}, s, {"val/loss": loss + 0.01 * s, "eval/fid": fid + s})
         for s in range(3)
         for space, loss, fid in (("latent", 0.2, 80.0), ("image", 0.006, 260.0))
     ]
@@ -181,11 +188,11 @@ def test_val_losses_of_arms_that_train_on_different_losses_are_not_compared():
 def test_the_report_ranks_the_sample_metrics_against_the_oracle_and_names_the_clips():
     def obs(arm, seed, clip_score, whole, clip="CLIP A"):
         metrics = {"eval/clip_score": clip_score, "eval/cmmd": 100 - clip_score, "eval/adherence_whole": whole}
-        return report.Observation({"pos_emb": arm}, {"cfg_scale": "1.0"}, seed, metrics | {"eval/fid": 5.0}, clip=clip)
+        return observation({"pos_emb": arm}, {"cfg_scale": "1.0"}, seed, metrics | {"eval/fid": 5.0}, clip=clip)
 
     observations = [obs("learned", s, 30 + s, 0.9 + 0.01 * s) for s in range(3)]
     observations += [obs("none", s, 20 + s, 0.2 + 0.01 * s) for s in range(3)]
-    observations.append(report.Observation({"pos_emb": "learned"}, {"cfg_scale": "7.0"}, 0, {"eval/clip_score": 0.0}))
+    observations.append(observation({"pos_emb": "learned"}, {"cfg_scale": "7.0"}, 0, {"eval/clip_score": 0.0}))
     agreement = report.oracle_agreement(observations)  # the CFG-7 point is off the reference sampling: not ranked
     ranks = agreement["ranks"]["eval/adherence_whole"]
     assert agreement["clips"] == ["CLIP A"] and "eval/adherence_whole_shape" not in agreement["ranks"]
@@ -212,7 +219,7 @@ def test_the_report_ranks_the_sample_metrics_against_the_oracle_and_names_the_cl
 def test_the_report_never_differences_fids_of_different_setups():
     def obs(seed, precision, n="128"):
         setup = {"num_samples": n, "precision": precision}
-        return report.Observation({"pos_emb": "learned"}, {}, seed, {"eval/fid": 50.0}, setup=setup)
+        return observation({"pos_emb": "learned"}, {}, seed, {"eval/fid": 50.0}, setup=setup)
 
     assert report.common_setup("s", [obs(s, "bf16") for s in range(3)]) == {"num_samples": "128", "precision": "bf16"}
     header = report.markdown("s", {}, {}, 3, setup={"num_samples": "128", "precision": "bf16"})
@@ -222,7 +229,7 @@ def test_the_report_never_differences_fids_of_different_setups():
     assert str(refused.value).startswith("sweep s: its eval runs differ in precision (bf16 in 2, fp32 in 1)")
     with pytest.raises(InputError, match="differ in num_samples"):
         report.common_setup("s", [obs(0, "fp32"), obs(1, "fp32", n="256")])
-    unrecorded = report.Observation({"pos_emb": "learned"}, {}, 2, {"eval/fid": 50.0})  # logged before setup.*
+    unrecorded = observation({"pos_emb": "learned"}, {}, 2, {"eval/fid": 50.0})  # logged before setup.*
     with pytest.raises(InputError, match=r"differ in num_samples \(128 in 1, not recorded in 1\)"):
         report.common_setup("s", [obs(0, "fp32"), unrecorded])
 
@@ -230,7 +237,7 @@ def test_the_report_never_differences_fids_of_different_setups():
 def test_the_cost_table_counts_each_trials_training_once_and_sums_its_evaluations():
     def obs(arm, seed, cfg_scale, steps, inception):
         seconds = {"ray_start": 1.0, "steps": steps, "eval_sampling": 2.0, "eval_inception": inception}
-        return report.Observation({"pos_emb": arm}, {"cfg_scale": cfg_scale}, seed, {}, seconds=seconds)
+        return observation({"pos_emb": arm}, {"cfg_scale": cfg_scale}, seed, {}, seconds=seconds)
 
     observations = [obs("learned", 0, c, 10.0, 4.0) for c in ("1.0", "2.0")] + [obs("none", 0, "1.0", 20.0, 5.0)]
     header, rows = report.cost_table(observations)
@@ -238,7 +245,7 @@ def test_the_cost_table_counts_each_trials_training_once_and_sums_its_evaluation
     assert rows[0] == ["pos_emb=none", "0", "1.0", "20.0", "2.0", "5.0", "28.0"]
     assert rows[1] == ["reference", "0", "1.0", "10.0", "4.0", "8.0", "23.0"]  # two evaluations, one training
     assert rows[2] == ["all trials", "", "2.0", "30.0", "6.0", "13.0", "51.0"]
-    assert report.cost_table([report.Observation({}, {}, 0, {})]) is None
+    assert report.cost_table([observation({}, {}, 0, {})]) is None
 
 
 def test_sampling_arms_of_one_grid_axis_share_one_evaluation(monkeypatch):
@@ -316,7 +323,7 @@ def test_seeds_auto_gives_another_seed_only_to_arms_still_undecided():
             sweep.parse_seeds(bad)
 
     def obs(arm, seed, fid, pos="learned"):
-        return report.Observation({"sdpa_layout": arm, "pos_emb": pos}, {}, seed, {"eval/fid": fid})
+        return observation({"sdpa_layout": arm, "pos_emb": pos}, {}, seed, {"eval/fid": fid})
 
     seeds = range(3)
     observations = (
@@ -403,7 +410,7 @@ def test_detection_finds_the_fewest_samples_and_seeds_that_catch_an_arm(tmp_path
     from ablations import detection
 
     def obs(arm, seed, fid, loss):
-        return report.Observation({"pos_emb": arm}, {}, seed, {"eval/fid": fid, "val/loss": loss})
+        return observation({"pos_emb": arm}, {}, seed, {"eval/fid": fid, "val/loss": loss})
 
     noise = [0.0, 3.0, -3.0, 1.0]  # seed-to-seed, shared by both arms at N=32 only
     by_size = {}
@@ -422,3 +429,27 @@ def test_detection_finds_the_fewest_samples_and_seeds_that_catch_an_arm(tmp_path
     assert "| pos_emb=none | N=128, " in text and "not caught (no detectable difference)" in text
     detection.matrix_figure(found, tmp_path / "detection.png")
     assert Image.open(tmp_path / "detection.png").size[0] > 200
+
+
+def test_a_sweep_driver_leaving_ends_its_trials_runs_left_running(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweep-x")
+    parent, other = (client.create_run(experiment, run_name=n).info.run_id for n in ("sweep-x", "other-sweep"))
+
+    def trial(name: str, parent_id: str, ended: bool) -> str:
+        run_id = client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent_id}).info.run_id
+        if ended:
+            client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    orphan, done, elsewhere = trial("a", parent, False), trial("b", parent, True), trial("c", other, False)
+    sweep.end_open_trials(uri, parent, "KILLED")  # the driver got SIGTERM: its trials' processes died with it
+    status = {r: client.get_run(r).info.status for r in (orphan, done, elsewhere)}
+    assert status == {orphan: "KILLED", done: "FINISHED", elsewhere: "RUNNING"}
+    assert "trial process ended before" in client.get_run(orphan).data.tags["error"]
+    assert "ended 1 trial runs left RUNNING: a" in capsys.readouterr().out
+
+    lost = trial("d", parent, False)  # a trial whose Ray worker was lost, in a sweep that otherwise finished
+    sweep.end_open_trials(uri, parent, "FINISHED")
+    assert client.get_run(lost).info.status == "FAILED"
