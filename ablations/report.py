@@ -5,7 +5,9 @@ seeds, its difference to the reference arm (paired by seed) with a CI, and a pla
 
 A training-time arm is read from the trials that move only that axis off its reference (at the
 reference sampling settings); a sampling-time arm from the reference trials evaluated at that arm.
-Writes report.md (a headline table first), report.html, samples.png (each trained variant's samples
+Where the sweep trained every combination (combine: product), each axis is read again with one other
+training axis held at each of its other arms: "does the bug's effect survive width 256?" is a row.
+Writes report.md (a headline table first, then those held readings), report.html, samples.png (each trained variant's samples
 at the reference sampling settings), one PNG per axis (every metric per arm with error bars) and one
 per sampling axis with a curve per trained variant (e.g. FID against the CFG scale for each training
 arm) to outputs/sweeps/<NAME>/report/ and logs them as artifacts of the sweep's parent run.
@@ -104,9 +106,9 @@ def _same(a: str, b: str) -> bool:
         return a == b
 
 
-def _at_reference(o: Observation, arms: dict[str, str]) -> bool:
-    """Every axis in `arms` (axis -> arm) at the reference arm of `o`'s sweep."""
-    return all(_same(arm, o.references[axis]) for axis, arm in arms.items())
+def _at_reference(o: Observation, arms: dict[str, str], held: dict[str, str] | None = None) -> bool:
+    """Every axis in `arms` (axis -> arm) at the reference arm of `o`'s sweep, or at its arm in `held`."""
+    return all(_same(arm, (held or {}).get(axis, o.references[axis])) for axis, arm in arms.items())
 
 
 def observations(
@@ -199,23 +201,31 @@ def sampling_line(obs: list[Observation], axes: dict[str, list[str]]) -> str:
     return "Sampled with: " + ", ".join(parts) + "."
 
 
-def arm_rows(obs: list[Observation], axes: dict[str, list[str]], axis: str) -> dict[str, dict[int, Observation]]:
-    """arm -> {seed: observation} for `axis`, every other axis at its reference."""
+def arm_rows(
+    obs: list[Observation], axes: dict[str, list[str]], axis: str, held: dict[str, str] | None = None
+) -> dict[str, dict[int, Observation]]:
+    """arm -> {seed: observation} for `axis`, every other axis at its reference or at its arm in `held`."""
     rows: dict[str, dict[int, Observation]] = {}
     for o in obs:
         arms = {**o.training, **o.sampling}
         others = {name: arm for name, arm in arms.items() if name != axis and name in axes}
-        if axis in arms and _at_reference(o, others):
+        if axis in arms and _at_reference(o, others, held):
             rows.setdefault(arms[axis], {})[o.seed] = o
     return rows
 
 
-def summarise(obs: list[Observation], axes: dict[str, list[str]], confidence: float = CONFIDENCE) -> dict[str, Any]:
+def summarise(
+    obs: list[Observation],
+    axes: dict[str, list[str]],
+    confidence: float = CONFIDENCE,
+    held: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """{axis: {metric: {arm: {"mean": Interval, "diff": Interval | None, "noise": float | None, "verdict": str}}}},
-    every interval at `confidence`."""
+    every interval at `confidence`; each axis read with the others at their references, or at their arms in
+    `held` (axis -> arm; a held axis itself is not read)."""
     out: dict[str, Any] = {}
-    for axis in axes:
-        info, rows = get_axis(axis, axes[axis]), arm_rows(obs, axes, axis)
+    for axis in (a for a in axes if a not in (held or {})):
+        info, rows = get_axis(axis, axes[axis]), arm_rows(obs, axes, axis, held)
         per_metric: dict[str, Any] = {}
         for metric, (_, higher) in METRICS.items():
             if metric in TRAINED and info.kind == "sampling":
@@ -244,6 +254,21 @@ def summarise(obs: list[Observation], axes: dict[str, list[str]], confidence: fl
             if table:
                 per_metric[metric] = table
         out[axis] = per_metric
+    return out
+
+
+def within_arms(obs: list[Observation], axes: dict[str, list[str]], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Where a sweep trained every combination: each axis read again with one other training axis held at
+    each of its other arms (the rest at their references), e.g. the head-axis bug at width 256.
+    {"model.width=256": summarise()'s summary of the other axes}, only holds where some arm has a difference."""
+    out = {}
+    for held_axis in (a for a in axes if get_axis(a, axes[a]).kind == "training"):
+        info = get_axis(held_axis, axes[held_axis])
+        for arm in (a for a in axes[held_axis] if a != info.reference):
+            summary = summarise(obs, axes, confidence, held={held_axis: arm})
+            cells = (c for per_metric in summary.values() for table in per_metric.values() for c in table.values())
+            if any(c["diff"] is not None for c in cells):
+                out[f"{held_axis}={arm}"] = summary
     return out
 
 
@@ -360,10 +385,11 @@ def _difference(cell: dict[str, Any]) -> str:
     return f"{d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]{mark}"
 
 
-def headline(summary: dict[str, Any], axes: dict[str, list[str]], level: str = "95%") -> list[str]:
+def headline(summary: dict[str, Any], axes: dict[str, list[str]], level: str = "95%", held: str = "") -> list[str]:
     """One Markdown table of the headline metrics: the reference run's mean (every axis at its reference
-    arm: the same trials for every axis), then every other arm's paired difference to it with its 95% CI,
-    and the verdict where the interval excludes 0."""
+    arm, or at the arm `held` names: the same trials for every axis), then every other arm's paired
+    difference to it with its 95% CI, and the verdict where the interval excludes 0."""
+    at = f" at {held}" if held else ""
     metrics = [m for m in HEADLINE if any(m in per_metric for per_metric in summary.values())]
     lines = ["| arm | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
     reference = {
@@ -373,7 +399,9 @@ def headline(summary: dict[str, Any], axes: dict[str, list[str]], level: str = "
         for cell in table.values()
         if cell["verdict"] == "reference"
     }
-    lines.append(f"| reference: mean [{level} CI] | " + " | ".join(_interval(reference.get(m)) for m in metrics) + " |")
+    lines.append(
+        f"| reference{at}: mean [{level} CI] | " + " | ".join(_interval(reference.get(m)) for m in metrics) + " |"
+    )
     for axis, per_metric in summary.items():
         arms = list(
             dict.fromkeys(
@@ -383,7 +411,7 @@ def headline(summary: dict[str, Any], axes: dict[str, list[str]], level: str = "
         for arm in arms:
             cells = [per_metric.get(m, {}).get(arm) for m in metrics]
             lines.append(
-                f"| {axis}={arm}: difference | "
+                f"| {axis}={arm}{at}: difference | "
                 + " | ".join("-" if c is None else _difference(c) for c in cells)
                 + " |"
             )
@@ -447,6 +475,7 @@ def markdown(
     cost: tuple[list[str], list[list[str]]] | None = None,
     sampled: str = "",
     rule: SeedRule | None = None,
+    within: dict[str, Any] | None = None,
 ) -> str:
     lines = [f"# Sweep {name}", ""]
     if setup:
@@ -467,6 +496,9 @@ def markdown(
         ]
     level = level_of(rule)
     lines += ["## Headline", "", *headline(summary, axes, level), "", *agreement_lines(agreement)]
+    if within:
+        lines += ["## Each axis within the other arms", ""]
+        lines += [line for held, s in within.items() for line in (*headline(s, axes, level, held), "")]
     for title, header, rows in tables(summary, axes, level) + (
         [("Cost: wall seconds by phase", *cost)] if cost else []
     ):
@@ -616,11 +648,14 @@ def report(name: str, tracking_uri: str | None = None, out: str | Path | None = 
     axes, seeds, rule, obs = read_sweep(client, name, uri)
     setup = common_setup(name, obs)
     summary = summarise(obs, axes, confidence_of(rule))
+    within = within_arms(obs, axes, confidence_of(rule))
     agreement = oracle_agreement(obs)
     out = Path(out or Path("outputs/sweeps") / name / "report")
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md", out / "report.html"]
-    text = markdown(name, summary, axes, seeds, agreement, setup, cost_table(obs), sampling_line(obs, axes), rule)
+    text = markdown(
+        name, summary, axes, seeds, agreement, setup, cost_table(obs), sampling_line(obs, axes), rule, within
+    )
     files[0].write_text(text)
     files[1].write_text(html_page(name, summary, axes, agreement, level_of(rule)))
     for axis, per_metric in summary.items():
@@ -636,7 +671,7 @@ def report(name: str, tracking_uri: str | None = None, out: str | Path | None = 
     for file in files:
         tracker.log_artifact(file, "report")
     print(tracker.close().summary())
-    return {"summary": summary, "agreement": agreement, "files": [str(f) for f in files]}
+    return {"summary": summary, "within": within, "agreement": agreement, "files": [str(f) for f in files]}
 
 
 def main(argv=None) -> dict[str, Any]:

@@ -172,6 +172,31 @@ def test_report_summary_reads_each_axis_against_its_reference_with_intervals(tmp
     assert report.plot_sampling_curves(observations, axes, "cfg_scale", tmp_path / "curves.png")
 
 
+def test_a_product_sweep_reads_each_axis_again_within_the_other_axes_arms():
+    def obs(bug, pos, seed):  # the head-axis bug costs 10 FID with the table, 100 without positions
+        fid = (
+            50.0 + seed + {"learned": 0.0, "none": 30.0}[pos] + (bug == "seq_first") * {"learned": 10, "none": 100}[pos]
+        )
+        return observation({"sdpa_layout": bug, "pos_emb": pos}, {}, seed, {"eval/fid": fid + 0.1 * (seed % 2)})
+
+    axes = {"sdpa_layout": ["heads_first", "seq_first"], "pos_emb": ["learned", "none"]}
+    product = [obs(b, p, s) for b in axes["sdpa_layout"] for p in axes["pos_emb"] for s in range(3)]
+    within = report.within_arms(product, axes)
+    assert set(within) == {"pos_emb=none", "sdpa_layout=seq_first"}  # each other arm of each training axis
+    assert within["sdpa_layout=seq_first"]["pos_emb"]["eval/fid"]["none"]["diff"].mean == pytest.approx(120.0)
+    held = within["pos_emb=none"]
+    assert set(held) == {"sdpa_layout"}  # the held axis itself is not read
+    assert held["sdpa_layout"]["eval/fid"]["seq_first"]["diff"].mean == pytest.approx(100.0)
+    assert report.summarise(product, axes)["sdpa_layout"]["eval/fid"]["seq_first"]["diff"].mean == pytest.approx(10.0)
+    text = report.markdown("p", report.summarise(product, axes), axes, 3, within=within)
+    assert "| sdpa_layout=seq_first at pos_emb=none: difference | +100" in text
+
+    one_at_a_time = [
+        o for o in product if o.training["sdpa_layout"] == "heads_first" or o.training["pos_emb"] == "learned"
+    ]
+    assert report.within_arms(one_at_a_time, axes) == {}  # nothing to pair within pos_emb=none
+
+
 def test_val_losses_of_arms_that_train_on_different_losses_are_not_compared():
     observations = [
         observation({"loss_space": space}, {}, s, {"val/loss": loss + 0.01 * s, "eval/fid": fid + s})
