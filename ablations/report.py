@@ -7,10 +7,11 @@ A training-time arm is read from the trials that move only that axis off its ref
 reference sampling settings); a sampling-time arm from the reference trials evaluated at that arm.
 Where the sweep trained every combination (combine: product), each axis is read again with one other
 training axis held at each of its other arms: "does the bug's effect survive width 256?" is a row.
-Writes report.md (a headline table first, then those held readings), report.html, samples.png (each trained variant's samples
-at the reference sampling settings), one PNG per axis (every metric per arm with error bars) and one
-per sampling axis with a curve per trained variant (e.g. FID against the CFG scale for each training
-arm) to outputs/sweeps/<NAME>/report/ and logs them as artifacts of the sweep's parent run.
+Writes report.md (a headline table first, then those held readings), report.html, samples.png (each
+trained variant's samples at the reference sampling settings), one PNG per axis (every metric per arm
+with error bars) and one per sampling axis with a curve per trained variant (e.g. FID against the CFG
+scale for each training arm) to outputs/sweeps/<NAME>/report/ and logs them as artifacts of the
+sweep's parent run.
 """
 
 from __future__ import annotations
