@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,13 +40,21 @@ CLUSTER_ENV = {
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def ray_worker_setup() -> None:
     """Run in every Ray worker that start_ray starts, for Ray Train's placement-group cleaner, which asks
     the dashboard's state API whether the controller is alive. Without a dashboard it warns about every
-    failed query, about once a second: silenced. And the state API finds its cluster by discovery: with
-    another Ray instance on the machine (a test's, a second sweep's) it can ask that one, which knows no
-    such controller, and the cleaner then removes a live trial's placement group. RAY_ADDRESS pins it to
-    this worker's own cluster. (It lives here because workers import it: this module is light.)"""
+    failed query, about once a second: silenced. If another Ray cluster's state API answers instead, it
+    knows no such controller, and the cleaner removes a live trial's placement group. Two ways lead
+    there: the state API finds its cluster by discovery (RAY_ADDRESS pins it to this worker's own), and
+    a cluster without a dashboard still registers the dashboard's port, 8265 by default, where another
+    cluster's dashboard may listen (start_ray registers a free port, where nothing answers).
+    (It lives here because workers import it: this module is light.)"""
     import ray
 
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
@@ -67,6 +76,7 @@ def start_ray(address: str | None, **local) -> None:
         ray.init(
             address="local",
             include_dashboard=False,
+            dashboard_port=unused_port(),  # see ray_worker_setup
             runtime_env={"worker_process_setup_hook": ray_worker_setup},
             **local,
         )

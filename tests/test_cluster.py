@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -106,16 +108,27 @@ def test_cluster_yaml_matches_rays_schema():
     )
 
 
-# Started beside another cluster: its node count, its GCS address, and the cluster a worker's state API
-# (Ray Train's placement-group cleaner asks it whether a controller lives) resolves, as Ray resolves it.
+# Started beside another cluster: its node count, the state API's URL its own cluster registers, and the
+# one a worker's state API (Ray Train's placement-group cleaner asks it whether a controller lives) resolves.
 ALONE = """
-import os, ray
-from ray._private.services import canonicalize_bootstrap_address_or_die
+import ray
+from ray.dashboard.utils import get_address_for_submission_client
 from experiments.cluster import start_ray
 start_ray(None, num_cpus=1)
-found = ray.get(ray.remote(lambda: canonicalize_bootstrap_address_or_die(os.environ.get("RAY_ADDRESS"))).remote())
-print(len(ray.nodes()), ray.get_runtime_context().gcs_address, found)
+own = get_address_for_submission_client(ray.get_runtime_context().gcs_address)
+found = ray.get(ray.remote(lambda: get_address_for_submission_client(None)).remote())
+print(len(ray.nodes()), own, found)
 """
+
+
+def answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=5)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -147,7 +160,7 @@ def test_a_local_storage_path_on_two_nodes_is_refused_before_training(two_nodes,
     started = subprocess.run([sys.executable, "-c", ALONE], capture_output=True, text=True, cwd=ROOT, timeout=300)
     nodes, own, found_by_workers = started.stdout.split()[-3:]
     assert nodes == "1", started.stderr[-2000:]  # a local start joins no cluster left running
-    assert found_by_workers == own != two_nodes.address  # what the state API in its workers finds is its own
+    assert found_by_workers == own and not answers(own)  # its own cluster's URL, where no other dashboard answers
 
     from experiments import train
 
