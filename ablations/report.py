@@ -263,8 +263,10 @@ def within_arms(obs: list[Observation], axes: dict[str, list[str]], confidence: 
     each of its other arms (the rest at their references), e.g. the head-axis bug at width 256.
     {"model.width=256": summarise()'s summary of the other axes}, only holds where some arm has a difference."""
     out = {}
-    for held_axis in (a for a in axes if get_axis(a, axes[a]).kind == "training"):
+    for held_axis in axes:
         info = get_axis(held_axis, axes[held_axis])
+        if info.kind != "training":
+            continue
         for arm in (a for a in axes[held_axis] if a != info.reference):
             summary = summarise(obs, axes, confidence, held={held_axis: arm})
             cells = (c for per_metric in summary.values() for table in per_metric.values() for c in table.values())
@@ -386,11 +388,11 @@ def _difference(cell: dict[str, Any]) -> str:
     return f"{d.mean:+.3g} [{d.low:+.3g}, {d.high:+.3g}]{mark}"
 
 
-def headline(summary: dict[str, Any], axes: dict[str, list[str]], level: str = "95%", held: str = "") -> list[str]:
+def headline(summary: dict[str, Any], axes: dict[str, list[str]], level: str = "95%", held_at: str = "") -> list[str]:
     """One Markdown table of the headline metrics: the reference run's mean (every axis at its reference
-    arm, or at the arm `held` names: the same trials for every axis), then every other arm's paired
-    difference to it with its 95% CI, and the verdict where the interval excludes 0."""
-    at = f" at {held}" if held else ""
+    arm, or at the arm `held_at` names, e.g. "model.width=256": the same trials for every axis), then
+    every other arm's paired difference to it with its 95% CI, and the verdict where the interval excludes 0."""
+    at = f" at {held_at}" if held_at else ""
     metrics = [m for m in HEADLINE if any(m in per_metric for per_metric in summary.values())]
     lines = ["| arm | " + " | ".join(METRICS[m][0] for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
     reference = {
@@ -499,7 +501,7 @@ def markdown(
     lines += ["## Headline", "", *headline(summary, axes, level), "", *agreement_lines(agreement)]
     if within:
         lines += ["## Each axis within the other arms", ""]
-        lines += [line for held, s in within.items() for line in (*headline(s, axes, level, held), "")]
+        lines += [line for held_at, s in within.items() for line in (*headline(s, axes, level, held_at), "")]
     for title, header, rows in tables(summary, axes, level) + (
         [("Cost: wall seconds by phase", *cost)] if cost else []
     ):
