@@ -2,6 +2,7 @@
 seeds, its difference to the reference arm (paired by seed) with a CI, and a plain verdict.
 
     python -m ablations.report --sweep NAME [--tracking-uri URI] [--out DIR]
+    python -m ablations.report --sweep NAME --transfer 48px --transfer 48px-rope_interpolate ...
 
 A training-time arm is read from the trials that move only that axis off its reference (at the
 reference sampling settings); a sampling-time arm from the reference trials evaluated at that arm.
@@ -11,7 +12,10 @@ Writes report.md (a headline table first, then those held readings), report.html
 trained variant's samples at the reference sampling settings), one PNG per axis (every metric per arm
 with error bars) and one per sampling axis with a curve per trained variant (e.g. FID against the CFG
 scale for each training arm) to outputs/sweeps/<NAME>/report/ and logs them as artifacts of the
-sweep's parent run.
+sweep's parent run. Only evaluations at the data's side count there; those at another side (resolution
+transfer: `--reevaluate NAME --set eval.image_size=48 [--set sample.rope_scaling=K]`) are read with
+--transfer, into transfer.md and transfer.png: each trained variant at each transfer, differenced against
+the first transfer named, paired by seed.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ RANKED = ("eval/clip_score", "eval/cmmd", "eval/fid", "eval/kid")  # the sample 
 BY_CLIP = ("eval/clip_score", "eval/cmmd")
 TRAINED = ("val/loss", "train/img_per_s", "wall_s")  # properties of the training run: no sampling arm moves them
 NOT_COMPARABLE = "not comparable: a different loss"
+OTHER_SETUP = "not comparable: another FID setup"
 # wall seconds by phase, in the cost table's order: of a trial's training (its run's time/<phase>_s) and of
 # each of its evaluations (the eval runs' eval/seconds_<phase>)
 TRAINING_PHASES = ("ray_start", "workers_and_placement", "setup", "data", "steps", "checkpoint", "quick_eval", "finish")
@@ -112,12 +117,24 @@ def _at_reference(o: Observation, arms: dict[str, str], held: dict[str, str] | N
     return all(_same(arm, (held or {}).get(axis, o.references[axis])) for axis, arm in arms.items())
 
 
+def transfer_of(params: dict[str, str]) -> str:
+    """The resolution transfer an eval run sampled at, as its run name ends ("48px-rope_ntk"; "none" at the
+    data's side). A run from before this was logged that sampled at another side reads as not recorded,
+    never as the data's side."""
+    return params.get("transfer") or ("none" if params.get("image_size", "data") == "data" else NOT_RECORDED)
+
+
 def observations(
-    client, experiment_id: str, parent_id: str, axes: dict[str, list[str]], num_samples: int | None = None
+    client,
+    experiment_id: str,
+    parent_id: str,
+    axes: dict[str, list[str]],
+    num_samples: int | None = None,
+    transfer: str = "none",
 ) -> list[Observation]:
     """One observation per trial and sampling point: of several eval runs at one point (evaluated again
     with other settings, e.g. more samples), the one that finished last; with `num_samples`, the last of
-    those at that N."""
+    those at that N. Only eval runs sampled at `transfer` (default: the data's side) count."""
     sampling_axes = [name for name in axes if get_axis(name, axes[name]).kind == "sampling"]
     reference_arms = references(axes)
     found = []
@@ -132,6 +149,8 @@ def observations(
         }
         for ev in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{trial.info.run_id}'"):
             if num_samples is not None and ev.data.params.get(f"{SETUP_PREFIX}num_samples") != str(num_samples):
+                continue
+            if transfer_of(ev.data.params) != transfer:
                 continue
             sampling = {}
             for name in sampling_axes:
@@ -307,6 +326,79 @@ def sampling_curves(
     }
 
 
+def transfer_cells(
+    by_transfer: dict[str, list[Observation]],
+    metric: str,
+    setups: dict[str, dict[str, str]],
+    confidence: float = CONFIDENCE,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """{trained variant: {transfer: {"mean", "diff", "verdict"}}} of one metric, every variant at the
+    reference sampling settings; "diff": paired by seed against the same variant at the first transfer,
+    for FID, KID and CMMD only where the two transfers' setups (`setups`, transfer -> common_setup) agree."""
+    values: dict[str, dict[str, dict[int, float]]] = {}  # variant -> transfer -> seed -> value
+    for transfer, obs in by_transfer.items():
+        for o in obs:
+            if metric in o.metrics and _at_reference(o, o.sampling):
+                values.setdefault(training_label(o), {}).setdefault(transfer, {})[o.seed] = o.metrics[metric]
+    first, higher = next(iter(by_transfer)), METRICS[metric][1]
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    for label, by_transfer_seed in values.items():
+        base = by_transfer_seed.get(first, {})
+        for transfer, by_seed in by_transfer_seed.items():
+            comparable = metric not in WITH_INTERVAL or setups[transfer] == setups[first]
+            paired = comparable and transfer != first and set(by_seed) & set(base)
+            diff = paired_difference(by_seed, base, confidence) if paired else None
+            cells.setdefault(label, {})[transfer] = {
+                "mean": mean_interval(list(by_seed.values()), confidence),
+                "diff": diff,
+                "verdict": "reference"
+                if transfer == first
+                else verdict(diff, higher)
+                if diff
+                else "no reference"
+                if comparable
+                else OTHER_SETUP,
+            }
+    return cells
+
+
+def transfer_markdown(
+    name: str,
+    cells: dict[str, dict[str, dict[str, dict[str, Any]]]],
+    setups: dict[str, dict[str, str]],
+    level: str,
+) -> str:
+    """One table per metric: a row per trained variant, a column per transfer (`setups`, transfer -> its FID
+    setup), each cell the mean over seeds and, after the first column, the paired difference to the first."""
+    transfers = list(setups)
+    if all(setup == setups[transfers[0]] for setup in setups.values()):
+        setup_lines = [setup_line(setups[transfers[0]]), ""]
+    else:
+        setup_lines = [f"At {t}: {setup_line(setup)}" for t, setup in setups.items()] + [""]
+    lines = [
+        f"# Sweep {name}: sampled at other sides",
+        "",
+        *setup_lines,
+        f"Each trained variant at the reference sampling settings, sampled at {', '.join(transfers)} ('none': "
+        f"the data's side). Cells: mean over seeds [{level} CI]; after the first column, the difference to "
+        f"{transfers[0]} of the same checkpoints, paired by seed, with the verdict where its interval excludes 0.",
+        "",
+    ]
+    for metric, by_label in cells.items():
+        lines += [f"## {METRICS[metric][0]}", "", "| trained variant | " + " | ".join(transfers) + " |"]
+        lines.append("|" + "---|" * (len(transfers) + 1))
+        for label in sorted(by_label, key=lambda label: (label != "reference", label)):
+            row = [
+                "-"
+                if (cell := by_label[label].get(t)) is None
+                else _interval(cell["mean"]) + ("" if t == transfers[0] else f"; {_difference(cell)}")
+                for t in transfers
+            ]
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def cost_table(obs: list[Observation]) -> tuple[list[str], list[list[str]]] | None:
     """(header, rows): each trial's wall seconds by phase (training once, its evaluations summed) and the
     sweep's total; None when no run recorded its phases."""
@@ -380,8 +472,8 @@ def tables(
 
 def _difference(cell: dict[str, Any]) -> str:
     d = cell["diff"]
-    if cell["verdict"] == NOT_COMPARABLE:
-        return NOT_COMPARABLE
+    if cell["verdict"] in (NOT_COMPARABLE, OTHER_SETUP):
+        return cell["verdict"]
     if d is None or not d.known:
         return _interval(d) if d else "-"
     mark = {"better": " (better)", "worse": " (worse)"}.get(cell["verdict"], "")
@@ -549,30 +641,39 @@ def plot_axis(axis: str, per_metric: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_sampling_curves(obs: list[Observation], axes: dict[str, list[str]], sampling_axis: str, path: Path) -> bool:
-    """The headline eval metrics across one sampling axis, one line (mean ± 95% CI) per trained variant."""
-    metrics = [m for m in HEADLINE if m.startswith("eval/")]
-    curves = {m: sampling_curves(obs, axes, sampling_axis, m) for m in metrics}
-    metrics = [m for m in metrics if curves[m]]
+def plot_curves(curves: dict[str, dict[str, dict[str, Interval]]], xs: list[str], xlabel: str, path: Path) -> bool:
+    """One panel per metric of `curves` ({metric: {label: {x: mean}}}), one line (mean ± CI) per label
+    across `xs`; False (nothing written) when no metric has a curve."""
+    metrics = [m for m in curves if curves[m]]
     if not metrics:
         return False
-    arms = axes[sampling_axis]
     fig, plots = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
     for ax, metric in zip(plots[0], metrics):
-        for label, by_arm in sorted(curves[metric].items()):
-            x = [arms.index(arm) for arm in by_arm]
-            means = list(by_arm.values())
+        for label, by_x in sorted(curves[metric].items()):
+            means = list(by_x.values())
             ax.errorbar(
-                x, [m.mean for m in means], yerr=[m.half_width for m in means], marker="o", capsize=3, label=label
+                [xs.index(x) for x in by_x],
+                [m.mean for m in means],
+                yerr=[m.half_width for m in means],
+                marker="o",
+                capsize=3,
+                label=label,
             )
-        ax.set_xticks(range(len(arms)), arms, fontsize=8)
-        ax.set_xlabel(sampling_axis, fontsize=8)
+        ax.set_xticks(range(len(xs)), xs, fontsize=8, rotation=20 if max(map(len, xs)) > 8 else 0)
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.set_title(METRICS[metric][0], fontsize=9)
     plots[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def plot_sampling_curves(obs: list[Observation], axes: dict[str, list[str]], sampling_axis: str, path: Path) -> bool:
+    """The headline eval metrics across one sampling axis, one line (mean ± 95% CI) per trained variant."""
+    metrics = [m for m in HEADLINE if m.startswith("eval/")]
+    curves = {m: sampling_curves(obs, axes, sampling_axis, m) for m in metrics}
+    return plot_curves(curves, list(axes[sampling_axis]), sampling_axis, path)
 
 
 def sample_sheet(client, obs: list[Observation], path: Path) -> bool:
@@ -606,14 +707,24 @@ def sweep_parent(client, name: str, uri: str):
     return experiment, parents[0]
 
 
-def read_sweep(client, name: str, uri: str) -> tuple[dict[str, list[str]], int, SeedRule | None, list[Observation]]:
+def read_sweep(
+    client, name: str, uri: str, transfer: str = "none"
+) -> tuple[dict[str, list[str]], int, SeedRule | None, list[Observation]]:
     """A sweep's axes, its seeds per arm (the first round's with --seeds auto), its seed rule (None: a fixed
-    number of seeds) and its observations, from MLflow."""
+    number of seeds) and its observations sampled at `transfer`, from MLflow. Eval runs only at other
+    transfers is an error naming them (a sweep sampled at another side is read with its transfer)."""
     experiment, parent = sweep_parent(client, name, uri)
     params = parent.data.params
     axes, seeds = json.loads(params["sweep.axes"]), int(params["sweep.seeds"])
     rule = SeedRule(seeds, int(params["sweep.max_seeds"])) if "sweep.max_seeds" in params else None
-    return axes, seeds, rule, observations(client, experiment.experiment_id, parent.info.run_id, axes)
+    obs = observations(client, experiment.experiment_id, parent.info.run_id, axes, transfer=transfer)
+    if not obs and (evals := client.search_runs([experiment.experiment_id], "tags.`mmdit.kind` = 'eval'")):
+        raise InputError(
+            f"sweep {name}: no evaluation sampled at transfer {transfer!r}; its eval runs are at "
+            f"{', '.join(sorted({transfer_of(ev.data.params) for ev in evals}))} (--transfer NAME reads one; "
+            "'none' is the data's side)"
+        )
+    return axes, seeds, rule, obs
 
 
 def confidence_of(rule: SeedRule | None) -> float:
@@ -677,12 +788,52 @@ def report(name: str, tracking_uri: str | None = None, out: str | Path | None = 
     return {"summary": summary, "within": within, "agreement": agreement, "files": [str(f) for f in files]}
 
 
+def transfer_report(
+    name: str, transfers: list[str], tracking_uri: str | None = None, out: str | Path | None = None
+) -> dict[str, Any]:
+    """The sweep's trained variants sampled at each of `transfers` (eval runs' transfer names, e.g. "48px",
+    "48px-rope_interpolate"; "none": the data's side), the first the baseline of the differences: transfer.md
+    (a table per headline metric) and transfer.png (a panel per metric, a line per variant), logged to the
+    sweep's parent run."""
+    uri = tracking_uri or default_uri()
+    client = MlflowClient(uri)
+    by_transfer: dict[str, list[Observation]] = {}
+    for transfer in dict.fromkeys(transfers):
+        _, _, rule, by_transfer[transfer] = read_sweep(client, name, uri, transfer)
+    setups = {transfer: common_setup(name, obs) for transfer, obs in by_transfer.items()}
+    metrics = [m for m in HEADLINE if m.startswith("eval/")]
+    cells = {m: c for m in metrics if (c := transfer_cells(by_transfer, m, setups, confidence_of(rule)))}
+    out = Path(out or Path("outputs/sweeps") / name / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "transfer.md", out / "transfer.png"]
+    files[0].write_text(transfer_markdown(name, cells, setups, level_of(rule)))
+    curves = {m: {label: {t: c["mean"] for t, c in row.items()} for label, row in c.items()} for m, c in cells.items()}
+    plot_curves(curves, list(by_transfer), "sampled at", files[1])
+    tracker = Tracker(uri, name, name, backlog=out / "tracking_backlog.jsonl")
+    for file in files:
+        tracker.log_artifact(file, "report")
+    print(tracker.close().summary())
+    return {"cells": cells, "files": [str(f) for f in files]}
+
+
 def main(argv=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", required=True, help="the sweep's name (printed by ablations.sweep)")
     add_tracking_uri(parser)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--transfer",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="instead: the trained variants sampled at these transfers (repeatable; eval runs' names end in them, "
+        "e.g. 48px, 48px-rope_ntk; 'none' is the data's side), differences to the first: transfer.md and .png",
+    )
     args = parser.parse_args(argv)
+    if args.transfer:
+        result = transfer_report(args.sweep, args.transfer, args.tracking_uri, args.out)
+        print(Path(result["files"][0]).read_text())
+        return result
     result = report(args.sweep, args.tracking_uri, args.out)
     print(Path(result["files"][0]).read_text())
     return result

@@ -80,16 +80,18 @@ def evaluate_arms(
     plan: SweepPlan, checkpoint: str, tracking_uri: str, run_name: str | None = None, extra: tuple[str, ...] = ()
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """The checkpoint's eval metrics at every sampling-time arm (`eval/<metric>` at the reference, else
-    `eval_<axis>_<arm>/<metric>`), and the last evaluate() report (its step, its CLIP). A sampler, steps
-    or CFG axis is one evaluate() call over its arms (its grid), so the text encoder, Inception and
-    validation loss are set up once per axis, not once per arm.
+    `eval_<axis>_<arm>/<metric>`; sampled at another side, `eval_<transfer>...`, e.g. `eval_48px-rope_ntk/fid`,
+    so a resolution-transfer evaluation never overwrites the trained size's), and the last evaluate() report
+    (its step, its CLIP). A sampler, steps or CFG axis is one evaluate() call over its arms (its grid), so the
+    text encoder, Inception and validation loss are set up once per axis, not once per arm.
     `extra`: overrides of the evaluation on top of the checkpoint's config."""
     reference = plan.sampling_overrides("reference", "reference")
     results: dict[str, float] = {}
     reports: list[dict[str, Any]] = []
 
-    def record(axis: str, arm: str, metrics: dict[str, float]):
-        prefix = "eval" if arm == plan.axis(axis).reference else f"eval_{axis}_{arm}"
+    def record(metrics: dict[str, float], axis: str | None = None, arm: str | None = None):
+        base = "_".join(filter(None, ("eval", reports[-1]["transfer"])))
+        prefix = base if axis is None or arm == plan.axis(axis).reference else f"{base}_{axis}_{arm}"
         results.update({f"{prefix}/{k}": v for k, v in metrics.items()})
 
     def points(overrides: list[str], grid: dict[str, list[Any]] | None = None) -> list[dict[str, Any]]:
@@ -111,16 +113,16 @@ def evaluate_arms(
 
     sampling = plan.of_kind("sampling")
     if not any(grid_field(plan.axis(name)) for name in sampling):
-        results.update({f"eval/{k}": v for k, v in points(reference)[0]["metrics"].items()})
+        record(points(reference)[0]["metrics"])
     for name, arms in sampling.items():
         axis = plan.axis(name)
         if field := grid_field(axis):  # each such grid holds the reference point: scored again, with the same noise
             for arm, point in zip(arms, points(reference, {field: [GRID[field].parse(a) for a in arms]})):
-                record(name, arm, point["metrics"])
+                record(point["metrics"], name, arm)
         else:
             for arm in arms:
                 if arm != axis.reference:
-                    record(name, arm, points(plan.sampling_overrides(name, arm))[0]["metrics"])
+                    record(points(plan.sampling_overrides(name, arm))[0]["metrics"], name, arm)
     return results, reports[-1]
 
 

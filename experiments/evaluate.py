@@ -61,6 +61,7 @@ def log_to_mlflow(uri: str, experiment: str, key: str, report: dict[str, Any]) -
         child.log_params(
             {
                 "image_size": report["transfer_size"] or "data",
+                "transfer": report["transfer"] or "none",  # what ablations.report --transfer reads
                 "rope_scaling": report["points"][0]["sampling"]["rope_scaling"],
                 **setting,
                 "shift": point["sampling"]["shift"],

@@ -39,6 +39,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
+ROTARY = ("rope2d", "msrope")  # the pos_emb kinds that rotate queries and keys (sample.rope_scaling rescales them)
+
+
 class ModelConfig(Section):
     size: Literal["tiny", "S", "B", "L"] = "tiny"
     width: int | None = Field(None, ge=8, description="filled from `size` when not given")
@@ -93,7 +96,7 @@ class ModelConfig(Section):
         head_dim = self.width // self.num_heads
         if self.pos_emb == "sincos" and self.width % 4:
             raise ValueError(f"model.pos_emb=sincos needs model.width divisible by 4 (got {self.width})")
-        if self.pos_emb in ("rope2d", "msrope") and head_dim % 4:
+        if self.pos_emb in ROTARY and head_dim % 4:
             raise ValueError(f"model.pos_emb={self.pos_emb} needs a head dim divisible by 4 (got {head_dim})")
         if self.pos_emb == "msrope" and self.block != "joint":
             raise ValueError(
@@ -419,6 +422,11 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"sample.rope_scaling={self.sample.rope_scaling} acts only on another grid than the trained one: "
                 "set eval.image_size to another side than data.image_size"
+            )
+        if self.sample.rope_scaling != "none" and self.model.pos_emb not in ROTARY:
+            raise ValueError(
+                f"sample.rope_scaling={self.sample.rope_scaling} rescales rotary positions; model.pos_emb="
+                f"{self.model.pos_emb} has none (a learned table is resized, sin-cos computed for the grid)"
             )
         if self.eval.clip_model == TRAINED_CLIP and self.data.image_size % self.clip.patch_size:
             raise ValueError(

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import ROTARY, ModelConfig
 
 TIME_FEATURES = 256  # sinusoidal features of t before the timestep MLP (DiT, SD3)
 
@@ -139,7 +139,7 @@ class Positions(nn.Module):
     def scaling_at(self, grid: int, t: torch.Tensor) -> str:
         """The rotary scaling this forward pass uses: `none` on the trained grid; time_aware resolved by t
         (every row of a sampling batch shares it)."""
-        if grid == self.grid or self.kind not in ("rope2d", "msrope"):
+        if grid == self.grid or self.kind not in ROTARY:
             return "none"
         if self.scaling == "time_aware":
             return "interpolate" if t[0].item() >= TIME_AWARE_SWITCH else "ntk"

@@ -337,6 +337,6 @@ def test_resolution_transfer_samples_another_grid_into_its_own_runs(tmp_path):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id], "tags.`mmdit.kind` = 'eval'")
     assert run.data.tags[RUN_KEY_TAG].endswith("-24px-rope_interpolate") and run.data.params["image_size"] == "24"
-    assert run.data.params["rope_scaling"] == "interpolate"
+    assert run.data.params["rope_scaling"] == "interpolate" and run.data.params["transfer"] == "24px-rope_interpolate"
     with pytest.raises(InputError, match="eval.image_size=18 is not divisible"):
         evaluate.main(["--checkpoint", str(checkpoint), "--set", "eval.image_size=18"])

@@ -269,11 +269,13 @@ def test_centred_rope_origin_puts_index_zero_at_the_centre():
     assert torch.count_nonzero(corner[0, 0]) == 0
 
 
-def test_rope_scaling_needs_another_side():
+def test_rope_scaling_needs_another_side_and_rotary_positions():
     with pytest.raises(ConfigError, match="rope_scaling=ntk acts only on another grid"):
         load_config(None, ["sample.rope_scaling=ntk"])
     cfg = load_config(None, ["sample.rope_scaling=ntk", "eval.image_size=48"])
     assert cfg.transfer == "48px-rope_ntk" and load_config(None, ["eval.image_size=48"]).transfer == "48px"
+    with pytest.raises(ConfigError, match="model.pos_emb=learned has none"):
+        load_config(None, ["sample.rope_scaling=ntk", "eval.image_size=48", "model.pos_emb=learned"])
 
 
 def test_msrope_needs_joint_attention():

@@ -143,6 +143,42 @@ def test_smoke_sweep_on_a_field_axis_survives_a_failed_trial_and_nests_its_runs(
     rescored = report.report(result["sweep"], uri, tmp_path / "report")
     assert "CLIP score and CMMD by: CLIP trained here on" in Path(rescored["files"][0]).read_text()
 
+    # sampled at another side: its own eval runs and trial metrics, read only with --transfer
+    before = {r.info.run_id: r.data.metrics for r in client.search_runs([experiment], "tags.trial != ''")}
+    moved = sweep.reevaluate(result["sweep"], uri, ("eval.image_size=24",))
+    assert moved["failed"] == 0 and len(client.search_runs([experiment], "")) == 1 + 2 + 4 + 4
+    for run in client.search_runs([experiment], "tags.trial != ''"):
+        assert (
+            run.data.metrics["eval/fid"] == before[run.info.run_id]["eval/fid"] and "eval_24px/fid" in run.data.metrics
+        )
+    unmoved = report.report(result["sweep"], uri, tmp_path / "report")
+    assert (
+        unmoved["summary"]["cfg_scale"]["eval/fid"]["2.0"]["mean"]
+        == rescored["summary"]["cfg_scale"]["eval/fid"]["2.0"]["mean"]
+    )
+    transfer = report.main(
+        [
+            "--sweep",
+            result["sweep"],
+            "--tracking-uri",
+            uri,
+            "--out",
+            str(tmp_path / "t"),
+            "--transfer",
+            "none",
+            "--transfer",
+            "24px",
+        ]
+    )
+    assert set(transfer["cells"]["eval/fid"]) == {"reference", "model.sdpa_layout=seq_first"}
+    fid = transfer["cells"]["eval/fid"]["reference"]
+    assert set(fid) == {"none", "24px"} and fid["24px"]["verdict"] == report.OTHER_SETUP  # another image size
+    assert (tmp_path / "t" / "transfer.png").is_file() and "At 24px: Every FID" in (
+        tmp_path / "t" / "transfer.md"
+    ).read_text()
+    with pytest.raises(InputError, match="no evaluation sampled at transfer '40px'; its eval runs are at 24px, none"):
+        report.transfer_report(result["sweep"], ["40px"], uri, tmp_path / "t")
+
 
 def test_report_summary_reads_each_axis_against_its_reference_with_intervals(tmp_path):
     def obs(pos_emb, cfg_scale, seed, position, fid):
@@ -195,6 +231,37 @@ def test_a_product_sweep_reads_each_axis_again_within_the_other_axes_arms():
         o for o in product if o.training["sdpa_layout"] == "heads_first" or o.training["pos_emb"] == "learned"
     ]
     assert report.within_arms(one_at_a_time, axes) == {}  # nothing to pair within pos_emb=none
+
+
+def test_transfer_cells_difference_each_trained_variant_against_its_own_checkpoints_at_the_first_transfer(tmp_path):
+    positions = {  # per seed: the table transfers as it is; rotary positions only once interpolated
+        "48px": {"learned": [0.90, 0.95, 0.97], "rope2d": [0.10, 0.20, 0.15]},
+        "48px-rope_interpolate": {"learned": [0.90, 0.95, 0.97], "rope2d": [0.95, 0.99, 0.97]},
+    }
+    by_transfer = {
+        transfer: [
+            observation({"pos_emb": arm}, {}, seed, {"eval/adherence_position": value, "eval/fid": 100.0 - value})
+            for arm, values in arms.items()
+            for seed, value in enumerate(values)
+        ]
+        for transfer, arms in positions.items()
+    }
+    by_transfer["48px-rope_interpolate"].append(observation({"pos_emb": "none"}, {}, 0, {"eval/fid": 1.0}))
+    setups = {"48px": {"image_size": "48"}, "48px-rope_interpolate": {"image_size": "48"}}
+    cells = report.transfer_cells(by_transfer, "eval/adherence_position", setups)
+    rope = cells["pos_emb=rope2d"]["48px-rope_interpolate"]
+    assert rope["diff"].mean == pytest.approx(0.82) and rope["verdict"] == "better"
+    assert cells["reference"]["48px-rope_interpolate"]["diff"].mean == pytest.approx(0.0)
+    assert cells["pos_emb=rope2d"]["48px"]["verdict"] == "reference" and "pos_emb=none" not in cells
+    fid = report.transfer_cells(by_transfer, "eval/fid", setups)
+    assert fid["pos_emb=none"]["48px-rope_interpolate"]["diff"] is None
+    assert fid["pos_emb=rope2d"]["48px-rope_interpolate"]["diff"].mean == pytest.approx(-0.82)
+    other = report.transfer_cells(by_transfer, "eval/fid", {**setups, "48px-rope_interpolate": {"image_size": "64"}})
+    assert other["pos_emb=rope2d"]["48px-rope_interpolate"]["verdict"] == report.OTHER_SETUP  # FIDs never mixed
+    text = report.transfer_markdown("s", {"eval/adherence_position": cells}, setups, "95%")
+    assert "| trained variant | 48px | 48px-rope_interpolate |" in text
+    assert "| pos_emb=rope2d | 0.15 [0.02579, 0.2742] | 0.97 [0.9203, 1.02]; +0.82 [+0.745, +0.895] (better) |" in text
+    assert text.index("| reference |") < text.index("| pos_emb=rope2d |")
 
 
 def test_val_losses_of_arms_that_train_on_different_losses_are_not_compared():
