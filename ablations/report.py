@@ -647,8 +647,12 @@ def plot_curves(curves: dict[str, dict[str, dict[str, Interval]]], xs: list[str]
     metrics = [m for m in curves if curves[m]]
     if not metrics:
         return False
-    fig, plots = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
-    for ax, metric in zip(plots[0], metrics):
+    cols = min(4, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, plots = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
+    for ax in plots.flat[len(metrics) :]:
+        ax.axis("off")
+    for ax, metric in zip(plots.flat, metrics):
         for label, by_x in sorted(curves[metric].items()):
             means = list(by_x.values())
             ax.errorbar(
