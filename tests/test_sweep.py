@@ -349,6 +349,7 @@ def test_sampling_arms_of_one_grid_axis_share_one_evaluation(monkeypatch):
         grid = [(s, n, c) for s in samplers or ["euler"] for n in steps or [25] for c in scales or [1.0]]
         return {
             "step": 7,
+            "transfer": "",  # sampled at the data's side
             "points": [
                 {"metrics": {"fid": 100 * c + n + (s == "heun") + ("eval.weights=model" in overrides)}}
                 for s, n, c in grid
