@@ -35,21 +35,23 @@ from .report import (
     confidence_of,
     level_of,
     observations,
+    own_transfer,
     read_sweep,
     summarise,
     sweep_parent,
+    transfer_of,
 )
 
 SKIPPED = ("train/img_per_s", "wall_s")  # costs, not the model's quality
 VERDICTS = ("better", "worse")
 
 
-def eval_sizes(client, experiment_id: str, parent_id: str) -> list[int]:
-    """Every N the sweep's checkpoints were evaluated at."""
+def eval_sizes(client, experiment_id: str, parent_id: str, transfer: str) -> list[int]:
+    """Every N the sweep's checkpoints were evaluated at, at side `transfer`."""
     sizes = set()
     for trial in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
         for ev in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{trial.info.run_id}'"):
-            if "setup.num_samples" in ev.data.params:
+            if "setup.num_samples" in ev.data.params and transfer_of(ev.data.params) == transfer:
                 sizes.add(int(ev.data.params["setup.num_samples"]))
     return sorted(sizes)
 
@@ -172,10 +174,11 @@ def detection(
     client = MlflowClient(uri)
     axes, _, rule, _ = read_sweep(client, name, uri)
     experiment, parent = sweep_parent(client, name, uri)
-    sizes = eval_sizes(client, experiment.experiment_id, parent.info.run_id)
+    transfer = own_transfer(parent)
+    sizes = eval_sizes(client, experiment.experiment_id, parent.info.run_id, transfer)
     if not sizes:
         raise FileNotFoundError(f"sweep {name} has no evaluations that record their N")
-    by_size = {n: observations(client, experiment.experiment_id, parent.info.run_id, axes, n) for n in sizes}
+    by_size = {n: observations(client, experiment.experiment_id, parent.info.run_id, axes, n, transfer) for n in sizes}
     found = cheapest(by_size, axes, confidence_of(rule), fixed_seeds)
     seeds = max(o.seed for obs in by_size.values() for o in obs) + 1
     path = Path(out or Path("outputs/sweeps") / name / "report") / "detection.md"

@@ -12,10 +12,11 @@ Writes report.md (a headline table first, then those held readings), report.html
 trained variant's samples at the reference sampling settings), one PNG per axis (every metric per arm
 with error bars) and one per sampling axis with a curve per trained variant (e.g. FID against the CFG
 scale for each training arm) to outputs/sweeps/<NAME>/report/ and logs them as artifacts of the
-sweep's parent run. Only evaluations at the data's side count there; those at another side (resolution
-transfer: `--reevaluate NAME --set eval.image_size=48 [--set sample.rope_scaling=K]`) are read with
---transfer, into transfer.md and transfer.png: each trained variant at each transfer, differenced against
-the first transfer named, paired by seed.
+sweep's parent run. Only evaluations at the side the sweep's trials were evaluated at (the data's, unless
+its config sets eval.image_size) count there; those at another side (resolution transfer: `--reevaluate
+NAME --set eval.image_size=48 [--set sample.rope_scaling=K]`) are read with --transfer, into transfer.md
+and transfer.png: each trained variant at each transfer, differenced against the first transfer named,
+paired by seed.
 """
 
 from __future__ import annotations
@@ -711,13 +712,20 @@ def sweep_parent(client, name: str, uri: str):
     return experiment, parents[0]
 
 
+def own_transfer(parent) -> str:
+    """The side a sweep's trials are evaluated at ("none": the data's; "48px" where its config sets
+    eval.image_size=48), from its parent run (sweeps from before it was logged: the data's)."""
+    return parent.data.params.get("sweep.transfer", "none")
+
+
 def read_sweep(
-    client, name: str, uri: str, transfer: str = "none"
+    client, name: str, uri: str, transfer: str | None = None
 ) -> tuple[dict[str, list[str]], int, SeedRule | None, list[Observation]]:
     """A sweep's axes, its seeds per arm (the first round's with --seeds auto), its seed rule (None: a fixed
-    number of seeds) and its observations sampled at `transfer`, from MLflow. Eval runs only at other
-    transfers is an error naming them (a sweep sampled at another side is read with its transfer)."""
+    number of seeds) and its observations sampled at `transfer` (default: where its trials were evaluated),
+    from MLflow. Eval runs only at other transfers is an error naming them."""
     experiment, parent = sweep_parent(client, name, uri)
+    transfer = transfer or own_transfer(parent)
     params = parent.data.params
     axes, seeds = json.loads(params["sweep.axes"]), int(params["sweep.seeds"])
     rule = SeedRule(seeds, int(params["sweep.max_seeds"])) if "sweep.max_seeds" in params else None

@@ -255,6 +255,7 @@ def run(
             "sweep.combine": plan.combine,
             "sweep.config": plan.config,
             "sweep.overrides": json.dumps(plan.overrides),
+            "sweep.transfer": base.transfer or "none",  # the side its trials are evaluated at: what its report reads
         }
     )
     if not parent.wait_ready(30):

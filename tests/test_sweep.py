@@ -524,6 +524,28 @@ def test_detection_finds_the_fewest_samples_and_seeds_that_catch_an_arm(tmp_path
     assert Image.open(tmp_path / "detection.png").size[0] > 200
 
 
+def test_a_sweep_is_read_at_the_side_its_trials_were_evaluated_at(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("big")
+    parent = client.create_run(experiment, tags={RUN_KEY_TAG: "big"}).info.run_id
+    for key, value in {"sweep.axes": '{"pos_emb": ["learned", "none"]}', "sweep.seeds": "1"}.items():
+        client.log_param(parent, key, value)
+    trial = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "arm.pos_emb": "none", "seed": "0"})
+    for transfer, fid in (("48px", 120.0), ("48px-rope_ntk", 130.0)):  # its own evaluation, and another afterwards
+        ev = client.create_run(experiment, tags={"mlflow.parentRunId": trial.info.run_id, "mmdit.kind": "eval"})
+        client.log_param(ev.info.run_id, "transfer", transfer)
+        client.log_metric(ev.info.run_id, "eval/fid", fid)
+    with pytest.raises(InputError, match="no evaluation sampled at transfer 'none'; its eval runs are at 48px, 48px-"):
+        report.read_sweep(client, "big", uri)  # a sweep from before its side was logged reads the data's
+    client.log_param(parent, "sweep.transfer", "48px")  # a sweep whose config sets eval.image_size=48
+    (own,) = report.read_sweep(client, "big", uri)[3]
+    assert (
+        own.metrics["eval/fid"] == 120.0
+        and report.read_sweep(client, "big", uri, "48px-rope_ntk")[3][0].metrics["eval/fid"] == 130.0
+    )
+
+
 def test_a_sweep_driver_leaving_ends_its_trials_runs_left_running(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     client = MlflowClient(uri)
