@@ -222,6 +222,26 @@ def sampling_line(obs: list[Observation], axes: dict[str, list[str]]) -> str:
     return "Sampled with: " + ", ".join(parts) + "."
 
 
+def compare(
+    values: dict[int, float],
+    reference: dict[int, float],
+    higher: bool,
+    confidence: float,
+    is_reference: bool,
+    incomparable: str | None = None,
+) -> dict[str, Any]:
+    """A report cell: the mean of `values` (seed -> value) over seeds, its difference to `reference` paired
+    by seed, and the verdict; `incomparable`: the verdict, and no difference, where the two may not be
+    differenced (another loss, another FID setup)."""
+    paired = incomparable is None and not is_reference and set(values) & set(reference)
+    diff = paired_difference(values, reference, confidence) if paired else None
+    return {
+        "mean": mean_interval(list(values.values()), confidence),
+        "diff": diff,
+        "verdict": "reference" if is_reference else verdict(diff, higher) if diff else incomparable or "no reference",
+    }
+
+
 def arm_rows(
     obs: list[Observation], axes: dict[str, list[str]], axis: str, held: dict[str, str] | None = None
 ) -> dict[str, dict[int, Observation]]:
@@ -258,19 +278,10 @@ def summarise(
                 values = {seed: o.metrics[metric] for seed, o in rows.get(arm, {}).items() if metric in o.metrics}
                 if not values:
                     continue
-                paired = comparable and arm != info.reference and set(values) & set(ref)
-                diff = paired_difference(values, ref, confidence) if paired else None
+                incomparable = None if comparable else NOT_COMPARABLE
                 table[arm] = {
-                    "mean": mean_interval(list(values.values()), confidence),
-                    "diff": diff,
+                    **compare(values, ref, higher, confidence, arm == info.reference, incomparable),
                     "noise": run_noise(rows.get(arm, {}), metric),
-                    "verdict": "reference"
-                    if arm == info.reference
-                    else verdict(diff, higher)
-                    if diff
-                    else "no reference"
-                    if comparable
-                    else NOT_COMPARABLE,
                 }
             if table:
                 per_metric[metric] = table
@@ -347,19 +358,10 @@ def transfer_cells(
         base = by_transfer_seed.get(first, {})
         for transfer, by_seed in by_transfer_seed.items():
             comparable = metric not in WITH_INTERVAL or setups[transfer] == setups[first]
-            paired = comparable and transfer != first and set(by_seed) & set(base)
-            diff = paired_difference(by_seed, base, confidence) if paired else None
-            cells.setdefault(label, {})[transfer] = {
-                "mean": mean_interval(list(by_seed.values()), confidence),
-                "diff": diff,
-                "verdict": "reference"
-                if transfer == first
-                else verdict(diff, higher)
-                if diff
-                else "no reference"
-                if comparable
-                else OTHER_SETUP,
-            }
+            incomparable = None if comparable else OTHER_SETUP
+            cells.setdefault(label, {})[transfer] = compare(
+                by_seed, base, higher, confidence, transfer == first, incomparable
+            )
     return cells
 
 
